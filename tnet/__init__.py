@@ -1,0 +1,1 @@
+"""TNet: the multi-scale hard-attention classifier of arXiv 2102.10212, in plain PyTorch."""

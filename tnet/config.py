@@ -1,0 +1,61 @@
+"""TNet's model configuration: one frozen dataclass, each field with its reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tnet.geometry import features_per_image, level_grids
+
+
+@dataclass(frozen=True)
+class TNetConfig:
+    num_classes: int = 10
+    backbone: str = "efficientnet_b0"  # any name in tnet.backbones.available()
+    backbone_weights: str | None = None  # local state_dict path; never a hub download
+    in_chans: int = 3  # 1 for single-channel datasets (Megapixel MNIST)
+    input_size: int = 448  # side of the squash-resized image the grids are defined on
+    base_size: int = 224  # every region is resized to this before the backbone
+    levels: int = 2  # scales processed, level 0 (the whole image) included
+    grid: int = 3  # N: candidates per row/column of a region
+    overlap: float = 0.5  # patch side as a fraction of its region side
+    locations: tuple[int, ...] = (2,)  # k per level 1..levels-1; changeable at inference
+    feature_dim: int | None = None  # None keeps the backbone's width (paper: fMoW 1280, ImageNet 512)
+    dropout: float = 0.5  # before the classifier (paper: fMoW 0.5)
+    drop_path: float = 0.0  # stochastic depth inside the backbone (paper: 0.3 then 0.5)
+    pos_channels: int = 320  # sinusoidal encoding width (paper: fMoW 320, ImageNet 512)
+    pos_mode: str = "add"  # "add": linear to D, add, swish (fMoW); "concat": concat then linear (ImageNet)
+    loc_hidden: int | None = None  # location module width; None = the location map's channels
+    loc_concat_feature: bool = False  # ImageNet variant: tile the feature vector into the location input
+    loc_act: str = "swish"  # "swish" (fMoW) or "leaky_relu" (ImageNet, slope 0.2)
+    loc_se: bool = True  # squeeze-excitation in the location module (fMoW variant)
+    feature_weighting: bool = False  # learned weights instead of the paper's plain mean
+    antialias: bool = True  # antialiased resizing; False reproduces the reference code
+    loc_temperature: float = 1.0  # softmax temperature on the L2-normalised logits (1 = paper)
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes={self.num_classes}: must be >= 2")
+        if self.in_chans not in (1, 3):
+            raise ValueError(f"in_chans={self.in_chans}: must be 1 or 3")
+        if self.base_size < 16 or self.input_size < self.base_size:
+            raise ValueError(f"input_size={self.input_size}, base_size={self.base_size}: need input >= base >= 16")
+        if len(self.locations) != self.levels - 1:
+            raise ValueError(f"locations={list(self.locations)}: need one k per level after 0 ({self.levels - 1})")
+        for k in self.locations:
+            if not 1 <= k <= self.grid * self.grid:
+                raise ValueError(f"locations={list(self.locations)}: each k must be in 1..{self.grid ** 2}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout}: must be in [0, 1)")
+        if self.pos_mode not in ("add", "concat"):
+            raise ValueError(f"pos_mode={self.pos_mode!r}: must be 'add' or 'concat'")
+        if self.loc_act not in ("swish", "leaky_relu"):
+            raise ValueError(f"loc_act={self.loc_act!r}: must be 'swish' or 'leaky_relu'")
+        if self.pos_channels < 6:
+            raise ValueError(f"pos_channels={self.pos_channels}: must be >= 6 (sin and cos of y, x, level)")
+        if self.loc_temperature <= 0:
+            raise ValueError(f"loc_temperature={self.loc_temperature}: must be > 0")
+        level_grids(self.input_size, self.levels, self.grid, self.overlap)  # raises on bad geometry
+
+    @property
+    def features_per_image(self) -> int:
+        return features_per_image(self.locations)

@@ -1,0 +1,83 @@
+"""The location module: scores every candidate cell of a region from the backbone's map.
+
+The map is gradient-stopped (the backbone learns only from cross-entropy) and sampled bilinearly
+at the N x N candidate centres, which generalises the reference code's "rows and columns 2, 6, 10
+of the 14 x 14 map" to any backbone stride and grid. Then (fMoW variant) 1x1 conv + swish,
+squeeze-excitation, two coordinate channels with a learned scale and offset, 1x1 conv + swish,
+1x1 conv to one logit per cell; or (ImageNet variant) the tiled feature vector concatenated in and
+leaky ReLU 0.2. Logits are L2-normalised over the N*N cells before the softmax, as in the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _act(name: str) -> nn.Module:
+    return nn.SiLU() if name == "swish" else nn.LeakyReLU(0.2)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, reduction: int = 2) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, channels // reduction, 1)
+        self.fc2 = nn.Conv2d(channels // reduction, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = x.mean(dim=(-2, -1), keepdim=True)
+        return x * torch.sigmoid(self.fc2(F.silu(self.fc1(s))))
+
+
+def sample_cells(fmap: Tensor, centres: Tensor, base_size: int) -> Tensor:
+    """Bilinear samples of ``fmap`` (R, C, h, w) at cell centres (N,) in base-image pixels.
+
+    Returns (R, C, N, N). The map covers the base image, so a centre c maps to 2c/base - 1 in
+    grid_sample's normalised coordinates (align_corners=False: -1 and 1 are the outer edges).
+    """
+    n = centres.shape[0]
+    coords = centres / base_size * 2 - 1  # (N,)
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    grid = torch.stack([gx, gy], dim=-1).to(fmap.dtype)  # (N, N, 2) as (x, y)
+    grid = grid[None].expand(fmap.shape[0], n, n, 2)
+    return F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class LocationModule(nn.Module):
+    """Scores of the N*N candidates of each region: (R, C, h, w) -> (R, N*N) logits."""
+
+    def __init__(
+        self, map_channels: int, hidden: int, feature_dim: int, act: str, se: bool, concat_feature: bool
+    ) -> None:
+        super().__init__()
+        cin = map_channels + (feature_dim if concat_feature else 0)
+        self.concat_feature = concat_feature
+        self.conv1 = nn.Conv2d(cin, hidden, 1)
+        self.act = _act(act)
+        self.se = SqueezeExcite(hidden) if se else nn.Identity()
+        self.coord_scale = nn.Parameter(torch.ones(2, 1, 1))
+        self.coord_offset = nn.Parameter(torch.zeros(2, 1, 1))
+        self.conv2 = nn.Conv2d(hidden + 2, hidden, 1)
+        self.out = nn.Conv2d(hidden, 1, 1)
+
+    def forward(self, cells: Tensor, features: Tensor | None = None) -> Tensor:
+        r, _, n, _ = cells.shape
+        x = cells
+        if self.concat_feature:
+            if features is None:
+                raise ValueError("features: required by the concat_feature location module")
+            x = torch.cat([x, features[:, :, None, None].expand(-1, -1, n, n)], dim=1)
+        x = self.se(self.act(self.conv1(x)))  # (R, hidden, N, N)
+        lin = torch.linspace(-1, 1, n, device=x.device, dtype=x.dtype)
+        yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+        coords = torch.stack([yy, xx]) * self.coord_scale + self.coord_offset  # (2, N, N)
+        x = torch.cat([x, coords[None].expand(r, -1, -1, -1)], dim=1)
+        x = self.act(self.conv2(x))
+        return self.out(x).flatten(1)  # (R, N*N)
+
+
+def normalised_log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax of the L2-normalised logits (paper), optionally sharpened by a temperature."""
+    unit = F.normalize(logits, p=2, dim=-1)
+    return F.log_softmax(unit / temperature, dim=-1)

@@ -1,0 +1,104 @@
+"""TNet's training objective: cross-entropy for what is seen, REINFORCE for where to look.
+
+Exactly DESIGN.md section 2 (the reference code):
+
+    total = w_ce * CE_final
+          + lambda * w_rf * mean((R - b) * -sum of log p over all selected cells)
+          + (1 - w_ce) / T * sum_t CE_t                        (each feature's own head)
+          + lambda * (1 - w_rf) / (T - 1) * sum_f mean((r_f - b) * -log p_f)
+
+R is 1 where the final top-1 prediction is right, r_f where feature f's own head is right; T
+counts features of levels up to ``per_feature_levels``. One scalar baseline b (starts at 0.5) is
+updated after the loss: b <- m b + (1 - m) (w_rf mean R + (1 - w_rf) mean r_f). (R - b), the
+selection and the location input are constants, so cross-entropy never reaches the location
+module (its input is detached in the model) and REINFORCE never reaches the backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tnet.model import TNetOutput
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    w_ce: float = 0.2  # weight of the final CE; 1 - w_ce goes to the per-feature CE terms
+    w_rf: float = 0.2  # weight of the final REINFORCE term; 1 - w_rf to the per-feature ones
+    reinforce_lambda: float = 0.1  # lambda, the paper's scale of every REINFORCE term
+    baseline_init: float = 0.5
+    baseline_momentum: float = 0.9
+    per_feature_levels: int | None = None  # cap: per-feature terms only for levels <= this
+
+    def __post_init__(self) -> None:
+        for name in ("w_ce", "w_rf", "baseline_init", "baseline_momentum"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}={value}: must be in [0, 1]")
+        if self.reinforce_lambda < 0:
+            raise ValueError(f"reinforce_lambda={self.reinforce_lambda}: must be >= 0")
+        if self.per_feature_levels is not None and self.per_feature_levels < 0:
+            raise ValueError(f"per_feature_levels={self.per_feature_levels}: must be >= 0")
+
+
+class TNetLoss(nn.Module):
+    """Computes the loss terms; holds the moving-average reward baseline as a buffer."""
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("baseline", torch.tensor(cfg.baseline_init))
+
+    def forward(self, out: TNetOutput, target: Tensor) -> dict[str, Tensor]:
+        cfg = self.cfg
+        lam = cfg.reinforce_lambda
+        b = self.baseline.detach()
+        terms: dict[str, Tensor] = {}
+
+        terms["ce_final"] = F.cross_entropy(out.logits, target)
+        reward = (out.logits.detach().argmax(-1) == target).float()  # (B,)
+        if out.selections:
+            sum_logp = torch.cat([s.log_probs for s in out.selections], dim=1).sum(dim=1)  # (B,)
+            terms["rf_final"] = ((reward - b) * -sum_logp).mean()
+        else:
+            terms["rf_final"] = out.logits.new_zeros(())
+
+        cap = len(out.feature_logits) - 1 if cfg.per_feature_levels is None else cfg.per_feature_levels
+        level_logits = out.feature_logits[: cap + 1]  # per level (B, R_l, classes)
+        n_feats = sum(lg.shape[1] for lg in level_logits)  # T
+        ce_sum = out.logits.new_zeros(())
+        rf_sum = out.logits.new_zeros(())
+        feature_rewards = []
+        for level, logits in enumerate(level_logits):
+            per_feat_target = target[:, None].expand(-1, logits.shape[1])  # (B, R_l)
+            ce = F.cross_entropy(logits.flatten(0, 1), per_feat_target.flatten(), reduction="none")
+            ce_sum = ce_sum + ce.view_as(per_feat_target).mean(0).sum()
+            r_f = (logits.detach().argmax(-1) == per_feat_target).float()  # (B, R_l)
+            feature_rewards.append(r_f)
+            if level >= 1:
+                logp = out.selections[level - 1].log_probs  # (B, R_l): this feature's own location
+                rf_sum = rf_sum + ((r_f - b) * -logp).mean(0).sum()
+        terms["ce_features"] = ce_sum / n_feats
+        terms["rf_features"] = rf_sum / max(n_feats - 1, 1)
+
+        terms["total"] = (
+            cfg.w_ce * terms["ce_final"]
+            + lam * cfg.w_rf * terms["rf_final"]
+            + (1 - cfg.w_ce) * terms["ce_features"]
+            + lam * (1 - cfg.w_rf) * terms["rf_features"]
+        )
+        terms["reward"] = reward.mean()
+        terms["feature_reward"] = torch.cat(feature_rewards, dim=1).mean()
+        terms["baseline"] = b
+        return terms
+
+    @torch.no_grad()
+    def update_baseline(self, terms: dict[str, Tensor]) -> None:
+        """Called after the optimiser step, as in the reference code."""
+        m, w = self.cfg.baseline_momentum, self.cfg.w_rf
+        mixed = w * terms["reward"] + (1 - w) * terms["feature_reward"]
+        self.baseline.mul_(m).add_((1 - m) * mixed.to(self.baseline.dtype))

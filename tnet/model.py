@@ -1,0 +1,180 @@
+"""TNet: top-down walk through an image's scale-space, attending to a few regions per level.
+
+Level 0 reads the whole view at ``base_size``; the location module scores an N x N grid of
+candidates of each processed region; the top-k (deterministic) are read at ``base_size`` from
+higher-resolution pixels and processed by the same backbone, recursively. All feature vectors,
+each fused with a sinusoidal encoding of its global grid position and level, are averaged and
+classified. Pixels come from a ``RegionSource``, so lazy pyramids and in-memory tensors are the
+same to the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from tnet.backbones import create_backbone
+from tnet.config import TNetConfig
+from tnet.geometry import level_grids
+from tnet.location import LocationModule, normalised_log_probs, sample_cells
+from tnet.positional import PositionalFusion
+from tnet.regions import RegionSource, TensorRegionSource
+
+
+@dataclass
+class LevelSelection:
+    """What the location module chose at one level (l >= 1) for the whole batch."""
+
+    boxes: Tensor  # (B, R_l, 4) normalised view xyxy of the attended patches
+    source_boxes: Tensor  # (B, R_l, 4) the same in source-image pixels
+    cells: Tensor  # (B, R_l) chosen cell index within its parent's grid
+    log_probs: Tensor  # (B, R_l) log p of each chosen cell (REINFORCE reads this)
+    probs: Tensor  # (B, R_{l-1}, N*N) the full distributions the choice was made from
+    logits: Tensor  # (B, R_{l-1}, N*N) raw location scores (auxiliary losses read these)
+
+
+@dataclass
+class TNetOutput:
+    logits: Tensor  # (B, classes) from all features
+    level_logits: list[Tensor]  # per level l: (B, classes) from features of levels <= l
+    feature_logits: list[Tensor]  # per level l: (B, R_l, classes), each feature's own head
+    selections: list[LevelSelection] = field(default_factory=list)  # levels 1..L-1
+    features_per_image: int = 1
+    pixels_processed: int = 0  # per image: features * base_size^2
+    decoded_pixels: int = 0  # by the region source during this forward (0 for in-memory)
+
+    def level_probs(self) -> list[Tensor]:
+        return [lg.softmax(-1) for lg in self.level_logits]
+
+
+class TNet(nn.Module):
+    def __init__(self, cfg: TNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = create_backbone(
+            cfg.backbone, in_chans=cfg.in_chans, drop_path=cfg.drop_path, weights=cfg.backbone_weights
+        )
+        width = self.backbone.num_features
+        dim = cfg.feature_dim or width
+        self.project = nn.Identity() if dim == width else nn.Linear(width, dim)
+        self.position = PositionalFusion(dim, cfg.pos_channels, cfg.pos_mode)
+        self.location = LocationModule(
+            self.backbone.loc_channels,
+            cfg.loc_hidden or self.backbone.loc_channels,
+            dim,
+            cfg.loc_act,
+            cfg.loc_se,
+            cfg.loc_concat_feature,
+        )
+        self.weighting = nn.Linear(dim, 1) if cfg.feature_weighting else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(dim, cfg.num_classes)
+        self.feature_heads = nn.ModuleList(nn.Linear(dim, cfg.num_classes) for _ in range(cfg.levels))
+        self.grids = level_grids(cfg.input_size, cfg.levels, cfg.grid, cfg.overlap)
+        for i, grid in enumerate(self.grids):
+            offsets = torch.tensor([grid.cell_offset(c) for c in range(grid.cells)], dtype=torch.float32)
+            self.register_buffer(f"offsets_{i}", offsets, persistent=False)  # (N*N, 2) as (dx, dy)
+            centres = torch.tensor(grid.centres(), dtype=torch.float32) * cfg.base_size / grid.side
+            self.register_buffer(f"centres_{i}", centres, persistent=False)  # (N,) base pixels
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def encode(self, patches: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """(R, C, b, b) patches and (R, 3) positions -> fused features (R, D), map (R, Cm, h, w)."""
+        raw, fmap = self.backbone(patches)
+        return self.position(self.project(raw), pos), fmap
+
+    def aggregate(self, features: Tensor) -> Tensor:
+        """(B, F, D) -> (B, classes): the paper's plain mean, or a learned weighting."""
+        if self.weighting is None:
+            pooled = features.mean(dim=1)
+        else:
+            weights = self.weighting(features).softmax(dim=1)  # (B, F, 1)
+            pooled = (weights * features).sum(dim=1)
+        return self.classifier(self.dropout(pooled))
+
+    def select(self, level: int, fmap: Tensor, feats: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Score the candidates of every region at ``level`` and keep the top-k.
+
+        Returns logits (R, N*N), log-probabilities (R, N*N) and chosen cells (R, k).
+        """
+        cells = sample_cells(fmap.detach(), getattr(self, f"centres_{level}"), self.cfg.base_size)
+        logits = self.location(cells, feats.detach())  # (R, N*N)
+        logp = normalised_log_probs(logits, self.cfg.loc_temperature)
+        return logits, logp, self.choose(logp, k)
+
+    def choose(self, logp: Tensor, k: int) -> Tensor:
+        """Deterministic top-k, the paper's rule in training and evaluation alike."""
+        return logp.topk(k, dim=-1).indices  # (R, k)
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, source: RegionSource | Tensor, locations: Sequence[int] | None = None) -> TNetOutput:
+        """Classify a batch; ``locations`` overrides k per level without retraining."""
+        if isinstance(source, Tensor):
+            source = TensorRegionSource(source, antialias=self.cfg.antialias)
+        cfg = self.cfg
+        locs = tuple(cfg.locations if locations is None else locations)
+        if len(locs) != len(self.grids) or any(not 1 <= k <= cfg.grid**2 for k in locs):
+            raise ValueError(f"locations={list(locs)}: need {len(self.grids)} values in 1..{cfg.grid ** 2}")
+        batch, size, base = len(source), float(cfg.input_size), cfg.base_size
+        decoded_before = source.decoded_pixels()
+        device = self.classifier.weight.device
+
+        boxes = torch.tensor([0.0, 0.0, size, size], device=device).expand(batch, 1, 4)  # input px
+        pos = torch.zeros(batch, 1, 3, device=device)  # (y, x, level)
+        patches = source.read_regions(boxes / size, base).to(device)  # (B, 1, C, b, b)
+        feats, fmap = self.encode(patches.flatten(0, 1), pos.flatten(0, 1))
+        level_feats = [feats.view(batch, 1, -1)]  # per level (B, R_l, D)
+        selections: list[LevelSelection] = []
+
+        for level, (grid, k) in enumerate(zip(self.grids, locs)):
+            regions = boxes.shape[1]
+            logits, logp, chosen = self.select(level, fmap, feats, k)  # (B*R, NN), (B*R, NN), (B*R, k)
+            offsets = getattr(self, f"offsets_{level}")[chosen]  # (B*R, k, 2)
+            origin = boxes.reshape(-1, 4)[:, None, :2]  # (B*R, 1, 2)
+            top_left = origin + offsets
+            boxes = torch.cat([top_left, top_left + grid.patch], dim=-1).reshape(batch, regions * k, 4)
+            parent = pos.reshape(-1, 1, 3)
+            rows, cols = chosen // grid.n, chosen % grid.n
+            pos = torch.stack(
+                [parent[..., 0] * grid.n + rows, parent[..., 1] * grid.n + cols, torch.full_like(rows, level + 1)],
+                dim=-1,
+            ).reshape(batch, regions * k, 3).float()
+            norm_boxes = boxes / size
+            selections.append(
+                LevelSelection(
+                    boxes=norm_boxes,
+                    source_boxes=source.source_boxes(norm_boxes.detach().cpu()),
+                    cells=chosen.reshape(batch, regions * k),
+                    log_probs=logp.gather(1, chosen).reshape(batch, regions * k),
+                    probs=logp.exp().reshape(batch, regions, -1),
+                    logits=logits.reshape(batch, regions, -1),
+                )
+            )
+            patches = source.read_regions(norm_boxes.detach().cpu(), base).to(device)  # (B, R*k, C, b, b)
+            feats, fmap = self.encode(patches.flatten(0, 1), pos.flatten(0, 1))
+            level_feats.append(feats.view(batch, regions * k, -1))
+
+        level_logits = [self.aggregate(torch.cat(level_feats[: i + 1], dim=1)) for i in range(len(level_feats))]
+        feature_logits = [head(self.dropout(f)) for head, f in zip(self.feature_heads, level_feats)]
+        n_feats = sum(f.shape[1] for f in level_feats)
+        return TNetOutput(
+            logits=level_logits[-1],
+            level_logits=level_logits,
+            feature_logits=feature_logits,
+            selections=selections,
+            features_per_image=n_feats,
+            pixels_processed=n_feats * base * base,
+            decoded_pixels=source.decoded_pixels() - decoded_before,
+        )
+
+
+def build_tnet(cfg: TNetConfig) -> TNet:
+    return TNet(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+

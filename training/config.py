@@ -1,0 +1,99 @@
+"""The training job's configuration: one frozen dataclass tree, loaded from configs/*.yaml.
+
+Sections: ``model`` (tnet.config.TNetConfig), ``loss`` (tnet.losses.LossConfig), ``data``,
+``train``, ``tracking``. Ray workers receive ``to_dict(cfg)`` and rebuild it with ``from_dict``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tnet.config import TNetConfig
+from tnet.configtools import from_dict, load_config, to_dict
+from tnet.losses import LossConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    url: str = "data/megapixel-mnist"  # dataset prefix written by jobs/shard.py (path, file:// or s3://)
+    train_split: str = "train"
+    val_split: str = "test"
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (never logged)
+    access: str = "stream"  # "stream": whole samples in order; "random": ranged tile reads
+    shuffle_buffer: int = 128  # samples held for shuffling within a worker's stream
+    loader_workers: int = 1  # DataLoader processes per training worker
+    decode_threads: int = 2  # threads decoding selected tiles
+    augment: bool = True  # crop 85-100% area, flip, colour jitter, expressed as a view box
+    flip: bool = True  # horizontal flips (off for digits, where a mirror changes the class)
+    colour_jitter: bool = True
+    samples_per_epoch: int | None = None  # None: the manifest's train count
+    val_samples: int | None = None  # None: the whole validation split
+    max_bad_fraction: float = 0.05  # stop when more than this fraction of samples fail to decode
+
+    def __post_init__(self) -> None:
+        if self.access not in ("stream", "random"):
+            raise ValueError(f"data.access={self.access!r}: must be 'stream' or 'random'")
+        if self.shuffle_buffer < 1 or self.loader_workers < 0 or self.decode_threads < 1:
+            raise ValueError("data.shuffle_buffer/decode_threads must be >= 1 and loader_workers >= 0")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction}: must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 16  # per worker
+    lr: float = 1e-3  # Adam; no weight decay for TNet (paper)
+    lr_decay_at: float = 0.8  # fraction of training after which lr is multiplied by lr_decay
+    lr_decay: float = 0.1
+    seed: int = 0
+    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    amp: bool = True  # mixed precision on GPU only
+    torch_threads: int = 0  # 0: as many as the worker's CPUs
+    max_failures: int = 2  # worker/node losses survived by resuming from the last checkpoint
+    storage_path: str = "outputs/ray_results"  # local folder or s3:// for checkpoints
+    run_name: str = "tnet"  # same name again resumes
+    log_every: int = 10  # steps between step-level metrics
+    max_steps_per_epoch: int | None = None  # cap, for smoke runs
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("train.epochs, batch_size and num_workers must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr={self.lr}: must be > 0")
+        if not 0.0 < self.lr_decay_at <= 1.0:
+            raise ValueError(f"train.lr_decay_at={self.lr_decay_at}: must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db
+    experiment: str = "tnet"
+    model_name: str = "tnet"  # registry name; the new version gets alias "candidate"
+    register: bool = True
+    overlays: int = 8  # validation images drawn with their attended boxes
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    model: TNetConfig = field(default_factory=TNetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def load_job_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    return load_config(JobConfig, path, overrides)
+
+
+def job_config_from_dict(data: dict[str, Any]) -> JobConfig:
+    return from_dict(JobConfig, data)
+
+
+__all__ = ["DataConfig", "JobConfig", "TrackingConfig", "TrainConfig", "job_config_from_dict",
+           "load_job_config", "to_dict"]
