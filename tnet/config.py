@@ -31,6 +31,11 @@ class TNetConfig:
     feature_weighting: bool = False  # learned weights instead of the paper's plain mean
     antialias: bool = True  # antialiased resizing; False reproduces the reference code
     loc_temperature: float = 1.0  # softmax temperature on the L2-normalised logits (1 = paper)
+    # Cold start (off = the paper). "gumbel": in training, top-k of log p + Gumbel noise / explore_scale
+    # samples k distinct cells from the location distribution, so an untrained module that always
+    # ranks the same cells first still shows the classifier other places. Evaluation is top-k.
+    explore: str = "none"
+    explore_scale: float = 1.0  # >1 sharpens towards the deterministic top-k
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
@@ -52,6 +57,10 @@ class TNetConfig:
             raise ValueError(f"loc_act={self.loc_act!r}: must be 'swish' or 'leaky_relu'")
         if self.pos_channels < 6:
             raise ValueError(f"pos_channels={self.pos_channels}: must be >= 6 (sin and cos of y, x, level)")
+        if self.explore not in ("none", "gumbel"):
+            raise ValueError(f"explore={self.explore!r}: must be 'none' or 'gumbel'")
+        if self.explore_scale <= 0:
+            raise ValueError(f"explore_scale={self.explore_scale}: must be > 0")
         if self.loc_temperature <= 0:
             raise ValueError(f"loc_temperature={self.loc_temperature}: must be > 0")
         level_grids(self.input_size, self.levels, self.grid, self.overlap)  # raises on bad geometry

@@ -33,12 +33,18 @@ class LossConfig:
     baseline_init: float = 0.5
     baseline_momentum: float = 0.9
     per_feature_levels: int | None = None  # cap: per-feature terms only for levels <= this
+    # Cold start (0 = the paper). A dense signal for the location module: the raw score of every
+    # attended cell is regressed (binary cross-entropy) onto how sure that patch's own classifier
+    # is of the true class, so each selection teaches the module, not only a noisy reward.
+    utility_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("w_ce", "w_rf", "baseline_init", "baseline_momentum"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value}: must be in [0, 1]")
+        if self.utility_weight < 0:
+            raise ValueError(f"utility_weight={self.utility_weight}: must be >= 0")
         if self.reinforce_lambda < 0:
             raise ValueError(f"reinforce_lambda={self.reinforce_lambda}: must be >= 0")
         if self.per_feature_levels is not None and self.per_feature_levels < 0:
@@ -91,6 +97,9 @@ class TNetLoss(nn.Module):
             + (1 - cfg.w_ce) * terms["ce_features"]
             + lam * (1 - cfg.w_rf) * terms["rf_features"]
         )
+        if cfg.utility_weight > 0 and out.selections:
+            terms["utility"] = utility_loss(out, target)
+            terms["total"] = terms["total"] + cfg.utility_weight * terms["utility"]
         terms["reward"] = reward.mean()
         terms["feature_reward"] = torch.cat(feature_rewards, dim=1).mean()
         terms["baseline"] = b
@@ -102,3 +111,21 @@ class TNetLoss(nn.Module):
         m, w = self.cfg.baseline_momentum, self.cfg.w_rf
         mixed = w * terms["reward"] + (1 - w) * terms["feature_reward"]
         self.baseline.mul_(m).add_((1 - m) * mixed.to(self.baseline.dtype))
+
+
+def utility_loss(out: TNetOutput, target: Tensor) -> Tensor:
+    """BCE between each attended cell's raw location score and its patch's p(true class).
+
+    The target is detached (it teaches the location module, never the classifier), and the
+    location module's input is detached in the model, so this never reaches the backbone.
+    """
+    losses = []
+    for level, sel in enumerate(out.selections, start=1):
+        batch, parents, _ = sel.logits.shape
+        k = sel.cells.shape[1] // parents
+        parent = torch.arange(parents, device=sel.cells.device).repeat_interleave(k)  # (R_l,)
+        scores = sel.logits[:, parent, :].gather(2, sel.cells[..., None])[..., 0]  # (B, R_l)
+        probs = out.feature_logits[level].detach().softmax(-1)  # (B, R_l, classes)
+        utility = probs.gather(2, target[:, None, None].expand(-1, probs.shape[1], 1))[..., 0]
+        losses.append(F.binary_cross_entropy_with_logits(scores, utility))
+    return torch.stack(losses).mean()

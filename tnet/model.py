@@ -106,7 +106,11 @@ class TNet(nn.Module):
         return logits, logp, self.choose(logp, k)
 
     def choose(self, logp: Tensor, k: int) -> Tensor:
-        """Deterministic top-k, the paper's rule in training and evaluation alike."""
+        """Deterministic top-k (the paper's rule), or Gumbel top-k sampling while training."""
+        if self.training and self.cfg.explore == "gumbel":
+            uniform = torch.rand_like(logp).clamp_(1e-9, 1 - 1e-9)
+            gumbel = -torch.log(-torch.log(uniform))
+            return (logp * self.cfg.explore_scale + gumbel).topk(k, dim=-1).indices
         return logp.topk(k, dim=-1).indices  # (R, k)
 
     # -- forward --------------------------------------------------------------------------------

@@ -1,0 +1,223 @@
+"""The streaming training loader: shards -> samples -> base views, decode errors skipped and counted.
+
+Splitting (documented choice: **epoch-sized streams**). Every (Ray Train rank, DataLoader worker)
+pair is a *slot*. With at least as many shards as slots, slot s reads shards s, s + S, ... (in an
+order shuffled per epoch with the run's seed); with fewer shards, every slot reads all of them and
+keeps samples s, s + S, ... . No sample is read twice within a pass. Each slot then yields exactly
+its quota (``samples_per_epoch / (world * workers)``), wrapping around its own stream when it runs
+short, so every rank makes the same number of steps and DDP never waits on an exhausted rank.
+
+Workers decode only the base view (the whole view at ``base_size``, from the pyramid's coarse
+levels); the batch carries each sample's pyramid bytes so the model's deeper levels decode only
+the tiles they select (``pipeline.lazy.PyramidRegionSource``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import tarfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from pipeline.dataset_files import MANIFEST, read_dataset_json
+from pipeline.errors import FormatError, PipelineError
+from pipeline.lazy import PyramidRegionSource, View, random_view, to_model
+from pipeline.pyramid import PyramidReader
+from pipeline.storage import join, open_url
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Plain data a DataLoader worker needs to produce its part of an epoch."""
+
+    url: str
+    split: str
+    shards: tuple[str, ...]  # tar paths relative to url
+    base_size: int
+    channels: int
+    quota: int  # samples this rank yields per epoch (split among its loader workers)
+    rank: int = 0
+    world: int = 1
+    epoch: int = 0
+    seed: int = 0
+    train: bool = True  # augment (random view) and shuffle
+    flip: bool = True
+    colour_jitter: bool = True
+    shuffle_buffer: int = 128
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    max_pixels: int = 2**34
+
+
+@dataclass
+class Prepared:
+    key: str
+    label: int
+    tif: bytes
+    view: View
+    base: torch.Tensor  # (C, b, b)
+    decoded: int  # pixels decoded for the base view
+    full: int  # level-0 pixels of the image
+
+
+@dataclass
+class Batch:
+    keys: list[str]
+    labels: torch.Tensor  # (B,)
+    base_views: torch.Tensor  # (B, C, b, b) in [-1, 1]
+    pyramids: list[bytes]
+    views: list[View]
+    base_decoded: int
+    full_pixels: int
+    skipped: int = 0  # samples that failed to decode since the previous batch of this worker
+    errors: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def region_source(self, channels: int, executor: Executor | None = None,
+                      antialias: bool = True) -> PyramidRegionSource:
+        readers = [PyramidReader(t, where=k) for t, k in zip(self.pyramids, self.keys)]
+        return PyramidRegionSource(readers, self.views, channels, self.base_views, self.base_decoded,
+                                   executor, antialias)
+
+
+def split_shards(url: str, split: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, int]]:
+    """(shard, samples) of a split, from the dataset's manifest; refuses unknown format versions.
+
+    Raises:
+        PipelineError: no dataset.json (incomplete dataset), unknown version or an empty split.
+    """
+    read_dataset_json(url, storage_options)
+    fs, root = open_url(url, storage_options)
+    with fs.open(join(root, MANIFEST), "rb") as f:
+        table = pq.read_table(f, columns=["split", "shard"])
+    counts: dict[str, int] = {}
+    for s, shard in zip(table.column("split").to_pylist(), table.column("shard").to_pylist()):
+        if s == split:
+            counts[shard] = counts.get(shard, 0) + 1
+    if not counts:
+        raise PipelineError(f"{url}: split {split!r} has no samples")
+    return sorted(counts.items())
+
+
+def slot_plan(shards: Sequence[str], slot: int, slots: int, rng: random.Random) -> tuple[list[str], int | None]:
+    """Shards one slot reads, and the sample stride it keeps (None: all samples of its shards)."""
+    order = list(shards)
+    rng.shuffle(order)
+    if len(order) >= slots:
+        return order[slot::slots], None
+    return order, slots
+
+
+class ShardStream(IterableDataset):
+    def __init__(self, spec: StreamSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[Prepared | PipelineError]:
+        spec = self.spec
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        slot, slots = spec.rank * nw + wid, spec.world * nw
+        quota = spec.quota // nw + (1 if wid < spec.quota % nw else 0)
+        rng = random.Random(f"{spec.seed}-{spec.epoch}-{slot}")
+        shards, stride = slot_plan(spec.shards, slot, slots, random.Random(f"{spec.seed}-{spec.epoch}"))
+        produced = 0
+        while produced < quota:
+            yielded_this_pass = 0
+            for item in self._shuffled(self._samples(shards, stride, slot), rng):
+                yield self._prepare(item, rng) if not isinstance(item, PipelineError) else item
+                produced += 1
+                yielded_this_pass += 1
+                if produced >= quota:
+                    return
+            if yielded_this_pass == 0:
+                return  # nothing readable at all: stop rather than spin
+
+    def _samples(self, shards: list[str], stride: int | None, slot: int) -> Iterator[dict | PipelineError]:
+        fs, root = open_url(self.spec.url, self.spec.storage_options)  # per worker: fork-safe
+        position = 0
+        for shard in shards:
+            url = join(root, shard)
+            try:
+                with fs.open(url, "rb") as f:
+                    files = (dict(m, __url__=url) for m in tar_file_iterator(f))
+                    for sample in group_by_keys(files):
+                        keep = stride is None or position % stride == slot
+                        position += 1
+                        if keep:
+                            yield sample
+            except (OSError, tarfile.TarError, ValueError) as exc:
+                yield PipelineError(f"{url}: unreadable shard ({type(exc).__name__}: {exc})")
+
+    def _shuffled(self, items: Iterator[Any], rng: random.Random) -> Iterator[Any]:
+        if not self.spec.train or self.spec.shuffle_buffer <= 1:
+            yield from items
+            return
+        buf: list[Any] = []
+        for item in items:
+            buf.append(item)
+            if len(buf) >= self.spec.shuffle_buffer:
+                yield buf.pop(rng.randrange(len(buf)))
+        rng.shuffle(buf)
+        yield from buf
+
+    def _prepare(self, sample: dict[str, Any], rng: random.Random) -> Prepared | PipelineError:
+        spec = self.spec
+        key = sample.get("__key__", "?")
+        try:
+            meta = json.loads(sample["json"])
+            label = int(sample["cls"])
+            reader = PyramidReader(sample["tif"], where=key, max_pixels=spec.max_pixels)
+            objects = [b["box"] for b in meta.get("meta", {}).get("boxes", []) if "box" in b]
+            if spec.train:
+                view = random_view(reader.width, reader.height, rng, spec.flip, spec.colour_jitter,
+                                   objects=objects or None)
+            else:
+                view = View((0.0, 0.0, float(reader.width), float(reader.height)))
+            pixels = reader.read_region(view.box, spec.base_size, fill=128)
+            mean = tuple(float(m) for m in np.atleast_1d(pixels.reshape(-1, reader.channels).mean(0) / 255.0))
+            view = View(view.box, view.flip, view.jitter, mean)
+            base = to_model(pixels, view, spec.channels)
+            return Prepared(key, label, sample["tif"], view, base, reader.decoded_pixels, reader.full_pixels())
+        except (KeyError, ValueError, json.JSONDecodeError, FormatError, OSError) as exc:
+            return PipelineError(f"{key}: undecodable sample ({type(exc).__name__}: {exc})")
+
+
+def collate(items: list[Prepared | PipelineError]) -> Batch | None:
+    good = [i for i in items if isinstance(i, Prepared)]
+    errors = [str(i) for i in items if isinstance(i, PipelineError)]
+    if not good:
+        return Batch([], torch.zeros(0, dtype=torch.long), torch.zeros(0), [], [], 0, 0, len(errors), errors)
+    return Batch(
+        keys=[g.key for g in good],
+        labels=torch.tensor([g.label for g in good]),
+        base_views=torch.stack([g.base for g in good]),
+        pyramids=[g.tif for g in good],
+        views=[g.view for g in good],
+        base_decoded=sum(g.decoded for g in good),
+        full_pixels=sum(g.full for g in good),
+        skipped=len(errors),
+        errors=errors,
+    )
+
+
+def make_loader(spec: StreamSpec, batch_size: int, workers: int = 0) -> DataLoader:
+    """A DataLoader over one rank's epoch; batches may hold fewer good samples when some failed."""
+    return DataLoader(
+        ShardStream(spec), batch_size=batch_size, num_workers=workers, collate_fn=collate,
+        persistent_workers=False, multiprocessing_context="spawn" if workers else None,
+    )

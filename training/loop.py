@@ -1,0 +1,158 @@
+"""``train_loop_per_worker``: what every Ray Train worker runs.
+
+Kept importable and free of driver concerns so a test can run it with one or two CPU workers.
+Rank 0 alone talks to MLflow (through the run id the driver created, so retries and resumes keep
+one run). Every rank reports the same number of times (Ray Train requires it); rank 0 attaches the
+checkpoint. A checkpoint holds only tensors and plain numbers (loaded with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from pipeline.loader import StreamSpec, make_loader, split_shards
+from tnet.losses import TNetLoss
+from tnet.model import TNet
+from training.config import JobConfig, job_config_from_dict
+from training.evaluation import evaluate_loader
+from training.tracking import RankZeroTracker
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "state.pt"
+
+
+def epoch_quota(cfg: JobConfig, shards: list[tuple[str, int]], world: int) -> int:
+    """Samples each rank yields per epoch: equal for all ranks (DDP needs equal step counts)."""
+    total = cfg.data.samples_per_epoch or sum(n for _, n in shards)
+    per_rank = max(total // world, 1)
+    if cfg.train.max_steps_per_epoch:
+        per_rank = min(per_rank, cfg.train.max_steps_per_epoch * cfg.train.batch_size)
+    return per_rank
+
+
+def lr_at(cfg: JobConfig, epoch: int) -> float:
+    """Adam's step schedule of the paper: x lr_decay once lr_decay_at of training has passed."""
+    return cfg.train.lr * (cfg.train.lr_decay if epoch >= int(cfg.train.lr_decay_at * cfg.train.epochs) else 1.0)
+
+
+def save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, loss: TNetLoss, epoch: int,
+               metrics: dict[str, float]) -> None:
+    torch.save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                "loss": loss.state_dict(), "epoch": epoch, "metrics": metrics}, path)
+
+
+def load_state(path: str) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg = job_config_from_dict(config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = cfg.train.torch_threads or max(int(cfg.train.cpus_per_worker), 1)
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.train.seed + rank)
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+
+    model = TNet(cfg.model)
+    loss_fn = TNetLoss(cfg.loss).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_state(os.path.join(d, CHECKPOINT_FILE))
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        loss_fn.load_state_dict(state["loss"])
+        start_epoch = int(state["epoch"]) + 1
+        log.info("rank %d resumed from epoch %d", rank, start_epoch)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
+        if world > 1 else model.to(device)
+    tracker = RankZeroTracker(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
+    train_shards = split_shards(cfg.data.url, cfg.data.train_split, cfg.data.storage_options)
+    quota = epoch_quota(cfg, train_shards, world)
+    executor = ThreadPoolExecutor(cfg.data.decode_threads)
+    use_amp = cfg.train.amp and device.type == "cuda"
+    step_global = start_epoch * -(-quota // cfg.train.batch_size)
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
+        spec = StreamSpec(
+            url=cfg.data.url, split=cfg.data.train_split, shards=tuple(s for s, _ in train_shards),
+            base_size=cfg.model.base_size, channels=cfg.model.in_chans, quota=quota, rank=rank, world=world,
+            epoch=epoch, seed=cfg.train.seed, train=cfg.data.augment, flip=cfg.data.flip,
+            colour_jitter=cfg.data.colour_jitter, shuffle_buffer=cfg.data.shuffle_buffer,
+            storage_options=dict(cfg.data.storage_options),
+        )
+        model.train()
+        sums: dict[str, float] = {}
+        seen = skipped = decoded = full = 0
+        t0 = time.monotonic()
+        for step, batch in enumerate(make_loader(spec, cfg.train.batch_size, cfg.data.loader_workers)):
+            skipped += batch.skipped
+            for err in batch.errors:
+                log.warning("skipped: %s", err)
+            if len(batch) == 0:
+                continue
+            source = batch.region_source(cfg.model.in_chans, executor, cfg.model.antialias)
+            labels = batch.labels.to(device)
+            with torch.autocast(device.type, enabled=use_amp):
+                out = model(source)
+                terms = loss_fn(out, labels)
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            opt.step()
+            loss_fn.update_baseline(terms)
+            n = len(batch)
+            seen += n
+            decoded += source.decoded_pixels()
+            full += batch.full_pixels
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
+            for level, lg in enumerate(out.level_logits):
+                correct = float((lg.argmax(-1) == labels).float().sum())
+                sums[f"acc_level{level}"] = sums.get(f"acc_level{level}", 0.0) + correct
+            step_global += 1
+            if tracker and step % cfg.train.log_every == 0:
+                tracker.log({f"step/{k}": float(v) for k, v in terms.items()} | {
+                    "step/decoded_pixel_fraction": source.decoded_pixels() / max(batch.full_pixels, 1),
+                    "step/images_per_s": seen * world / max(time.monotonic() - t0, 1e-9),
+                }, step_global)
+        if skipped > seen * cfg.data.max_bad_fraction and skipped > 0:
+            raise RuntimeError(f"{cfg.data.url}: {skipped} undecodable samples this epoch, "
+                               f"over data.max_bad_fraction={cfg.data.max_bad_fraction}")
+        elapsed = time.monotonic() - t0
+        metrics = {f"train_{k}": v / max(seen, 1) for k, v in sums.items()}
+        metrics |= {"epoch": epoch, "train_images_per_s": seen * world / max(elapsed, 1e-9),
+                    "train_decoded_pixel_fraction": decoded / max(full, 1), "train_skipped": skipped,
+                    "lr": lr_at(cfg, epoch)}
+        if device.type == "cuda":
+            metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        if rank == 0:
+            val = evaluate_loader(_unwrap(model), cfg, cfg.data.val_split, executor, device,
+                                  limit=cfg.data.val_samples)
+            metrics |= {f"val_{k}": v for k, v in val.summary().items()}
+            assert tracker is not None
+            tracker.log(metrics, epoch)
+            with tempfile.TemporaryDirectory() as d:
+                save_state(os.path.join(d, CHECKPOINT_FILE), model, opt, loss_fn, epoch, metrics)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+    executor.shutdown()
