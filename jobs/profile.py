@@ -15,8 +15,8 @@ from pathlib import Path
 # project root, not jobs/, first on the path.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from tnet.configtools import from_dict, load_yaml  # noqa: E402
 from tnet.config import TNetConfig  # noqa: E402
+from tnet.configtools import from_dict, load_yaml  # noqa: E402
 from tnet.profiling import profile  # noqa: E402
 
 
