@@ -14,7 +14,6 @@ the tiles they select (``pipeline.lazy.PyramidRegionSource``).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random

@@ -59,6 +59,7 @@ class TrainConfig:
     run_name: str = "tnet"  # same name again resumes
     log_every: int = 10  # steps between step-level metrics
     max_steps_per_epoch: int | None = None  # cap, for smoke runs
+    debug_dir: str | None = None  # tests: every rank writes its pid, node and trained keys here (JSON)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:

@@ -8,13 +8,17 @@ checkpoint. A checkpoint holds only tensors and plain numbers (loaded with ``wei
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -38,6 +42,20 @@ def epoch_quota(cfg: JobConfig, shards: list[tuple[str, int]], world: int) -> in
     if cfg.train.max_steps_per_epoch:
         per_rank = min(per_rank, cfg.train.max_steps_per_epoch * cfg.train.batch_size)
     return per_rank
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """Torch's seed for one epoch of one rank, so the epoch's random draws (dropout, Gumbel
+    exploration) do not depend on what ran before it: a run resumed at epoch e from a checkpoint
+    draws what an uninterrupted run draws in epoch e, and ends with the same weights."""
+    return random.Random(f"{seed}-{rank}-{epoch}").getrandbits(63)
+
+
+def debug_record(folder: str | None, name: str, data: dict[str, Any]) -> None:
+    """What this rank did, as ``folder/name`` (JSON), when ``train.debug_dir`` asks: lets tests of
+    the distributed behaviour see each rank's process, node and samples."""
+    if folder:
+        Path(folder, name).write_text(json.dumps(data))
 
 
 def lr_at(cfg: JobConfig, epoch: int) -> float:
@@ -83,6 +101,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("rank %d resumed from epoch %d", rank, start_epoch)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else model.to(device)
+    debug_record(cfg.train.debug_dir, f"start-rank{rank}-pid{os.getpid()}.json",
+                 {"rank": rank, "world": world, "pid": os.getpid(), "start_epoch": start_epoch,
+                  "node_id": ray.get_runtime_context().get_node_id()})
     tracker = RankZeroTracker(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
     train_shards = split_shards(cfg.data.url, cfg.data.train_split, cfg.data.storage_options)
     quota = epoch_quota(cfg, train_shards, world)
@@ -91,6 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step_global = start_epoch * -(-quota // cfg.train.batch_size)
 
     for epoch in range(start_epoch, cfg.train.epochs):
+        torch.manual_seed(epoch_seed(cfg.train.seed, rank, epoch))
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, epoch)
         spec = StreamSpec(
@@ -103,6 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         sums: dict[str, float] = {}
         seen = skipped = decoded = full = 0
+        keys: list[str] = []
         t0 = time.monotonic()
         for step, batch in enumerate(make_loader(spec, cfg.train.batch_size, cfg.data.loader_workers)):
             skipped += batch.skipped
@@ -121,6 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_fn.update_baseline(terms)
             n = len(batch)
             seen += n
+            keys += batch.keys
             decoded += source.decoded_pixels()
             full += batch.full_pixels
             for name, value in terms.items():
@@ -138,6 +162,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             raise RuntimeError(f"{cfg.data.url}: {skipped} undecodable samples this epoch, "
                                f"over data.max_bad_fraction={cfg.data.max_bad_fraction}")
         elapsed = time.monotonic() - t0
+        debug_record(cfg.train.debug_dir, f"epoch{epoch}-rank{rank}-pid{os.getpid()}.json",
+                     {"rank": rank, "epoch": epoch, "pid": os.getpid(), "keys": keys})
         metrics = {f"train_{k}": v / max(seen, 1) for k, v in sums.items()}
         metrics |= {"epoch": epoch, "train_images_per_s": seen * world / max(elapsed, 1e-9),
                     "train_decoded_pixel_fraction": decoded / max(full, 1), "train_skipped": skipped,

@@ -28,6 +28,16 @@ from tnet.regions import TensorRegionSource
 ROOT = Path(__file__).resolve().parents[1]
 CODE_PATHS = [str(ROOT / "tnet"), str(ROOT / "training")]  # shipped with the model
 ENTRY = Path(__file__).resolve().parent / "pyfunc_entry.py"
+# What the shipped code imports. Given explicitly: MLflow's default inference re-imports the model
+# in a subprocess, which took 32 s of a 36 s log_model on a 2-core machine.
+REQUIREMENTS = ("mlflow", "numpy", "pandas", "pyyaml", "timm", "torch")
+
+
+def pip_requirements() -> list[str]:
+    """``REQUIREMENTS`` pinned to the versions installed here (the ones the model was trained with)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in REQUIREMENTS]
 
 
 def images_to_tensor(images: np.ndarray, in_chans: int) -> torch.Tensor:
@@ -81,8 +91,13 @@ def save_artifacts(model: TNet, folder: Path) -> dict[str, str]:
 
 def log_pyfunc(model: TNet, folder: Path, name: str = "model", registered_name: str | None = None,
                example: np.ndarray | None = None) -> Any:
-    """Log the pyfunc model (with a signature inferred from ``example``) to the active run."""
+    """Log the pyfunc model (with a signature inferred from ``example``) to the active run.
+
+    The signature's image height and width are left free (-1): TNet squash-resizes any image, and
+    a shape fixed by the example (e.g. 64 px base views) would make MLflow refuse real images.
+    """
     from mlflow.models import infer_signature
+    from mlflow.types.schema import Schema, TensorSpec
 
     artifacts = save_artifacts(model, folder)
     signature = None
@@ -90,7 +105,8 @@ def log_pyfunc(model: TNet, folder: Path, name: str = "model", registered_name: 
         wrapper = TNetPyfunc()
         wrapper.cfg, wrapper.model = model.cfg, model.eval()
         signature = infer_signature(example, wrapper.predict(None, example), params={"locations": list(model.cfg.locations)})
+        signature.inputs = Schema([TensorSpec(example.dtype, (-1, -1, -1) + tuple(example.shape[3:]))])
     return mlflow.pyfunc.log_model(
         name=name, python_model=str(ENTRY), artifacts=artifacts, code_paths=CODE_PATHS,
-        signature=signature, registered_model_name=registered_name,
+        signature=signature, registered_model_name=registered_name, pip_requirements=pip_requirements(),
     )

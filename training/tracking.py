@@ -39,10 +39,23 @@ def config_params(cfg: JobConfig) -> dict[str, str]:
     return {k: str(v)[:6000] for k, v in flatten(data).items()}
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of a new experiment in a SQLite store go beside the database (``<folder>/mlruns``).
+
+    MLflow's default is ``./mlruns`` of the *current directory*: under ``ray job submit`` that is
+    the job's temporary copy of the working dir (deleted with it), in tests the project folder.
+    Other stores (a tracking server) keep their own default (None).
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+
+
 def find_or_create_run(client: MlflowClient, experiment: str, run_name: str) -> str:
     """The run of this job name (a re-run resumes into it), or a new one."""
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=artifact_location(client.tracking_uri))
     found = client.search_runs([exp_id], filter_string=f"tags.`tnet.run_name` = '{run_name}'",
                                max_results=1, order_by=["attributes.start_time DESC"])
     if found and found[0].info.status != "FINISHED":

@@ -1,0 +1,131 @@
+"""``training.driver.train`` end to end on a local Ray with one CPU worker: MLflow, registry, resume.
+
+Every run uses ``train.lr_decay_at=1.0`` (no decay step inside the run): the paper's schedule
+decays at 80% of ``train.epochs``, so a 1-epoch run would decay in epoch 0 where a 2-epoch run does
+not, and "1 epoch, then resume to 2" would differ from "2 epochs" for a reason that is not resuming.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.pyramid import PyramidReader
+from tests.fixtures.tiny_mnist import tiny_job
+from training.config import JobConfig
+from training.driver import TrainOutcome, train
+from training.loop import CHECKPOINT_FILE, epoch_quota, load_state
+
+pytestmark = pytest.mark.slow
+
+
+def run(cfg: JobConfig, out: Path) -> TrainOutcome:
+    previous = mlflow.get_tracking_uri()
+    try:
+        return train(cfg, out)
+    finally:
+        mlflow.set_tracking_uri(previous)  # finalize() sets the process-wide URI
+
+
+def final_state(outcome: TrainOutcome) -> dict[str, Any]:
+    return load_state(os.path.join(outcome.checkpoint, CHECKPOINT_FILE))
+
+
+@pytest.fixture(scope="module")
+def straight(ray_local: Any, tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+        tuple[JobConfig, TrainOutcome]]:
+    """Two epochs without interruption."""
+    tmp = tmp_path_factory.mktemp("straight")
+    cfg = tiny_job(tiny_mnist, tmp, run_name="straight", epochs=2, lr_decay_at=1.0)
+    yield cfg, run(cfg, tmp / "out")
+
+
+def test_run_is_tracked_and_registered(straight: tuple[JobConfig, TrainOutcome], tiny_mnist: Path) -> None:
+    cfg, outcome = straight
+    client = MlflowClient(outcome.tracking_uri)
+    mlrun = client.get_run(outcome.run_id)
+    assert mlrun.info.status == "FINISHED"
+    params = mlrun.data.params
+    assert params["model.input_size"] == "512" and params["model.backbone"] == "tiny_s"
+    assert params["train.epochs"] == "2" and params["data.url"] == str(tiny_mnist)
+    for name in ("train_total", "val_accuracy", "train_decoded_pixel_fraction", "train_images_per_s",
+                 "train_acc_level1", "val_decoded_pixel_fraction"):
+        history = client.get_metric_history(outcome.run_id, name)
+        assert sorted(m.step for m in history) == [0, 1], name  # one value per epoch
+    fraction = mlrun.data.metrics["train_decoded_pixel_fraction"]
+    assert 0.0 < fraction <= 5 / 16  # lazy: top level + tiles under 2 attended patches (test_lazy.py)
+    assert client.get_metric_history(outcome.run_id, "step/total")  # step-level metrics too
+    assert "final_accuracy" in mlrun.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert {"attention", "confusion_matrix.png", "config.yaml", "last_epoch_metrics.json"} <= artifacts
+    pictures = [a.path for a in client.list_artifacts(outcome.run_id, "attention")]
+    assert len(pictures) == cfg.tracking.overlays and all(p.endswith(".png") for p in pictures)
+    # artifacts live beside the SQLite store, not in the current directory
+    assert mlrun.info.artifact_uri.startswith(Path(outcome.tracking_uri.removeprefix("sqlite:///")).parent.as_uri())
+
+    version = client.get_model_version_by_alias(cfg.tracking.model_name, "candidate")
+    assert version.run_id == outcome.run_id
+    assert outcome.model_uri == f"models:/{cfg.tracking.model_name}@candidate"
+    mlflow.set_tracking_uri(outcome.tracking_uri)
+    model = mlflow.pyfunc.load_model(outcome.model_uri)
+    images = canvases(tiny_mnist, 2)
+    predictions = model.predict(images)
+    assert len(predictions) == 2
+    for probs, boxes in zip(predictions["probabilities"], predictions["boxes"]):
+        assert len(probs) == 10 and abs(sum(probs) - 1.0) < 1e-4
+        assert np.asarray(boxes).shape == (2, 4)
+
+
+def test_checkpoint_holds_the_last_epoch(straight: tuple[JobConfig, TrainOutcome], tiny_mnist: Path) -> None:
+    cfg, outcome = straight
+    state = final_state(outcome)
+    assert state["epoch"] == 1 and set(state) == {"model", "optimizer", "loss", "epoch", "metrics"}
+    assert outcome.metrics["epoch"] == 1
+    shards = [(f"s{i}", 3) for i in range(8)]
+    assert epoch_quota(cfg, shards, 1) == 24 and epoch_quota(cfg, shards, 2) == 12
+    assert epoch_quota(replace(cfg, train=replace(cfg.train, max_steps_per_epoch=1)), shards, 1) == 8
+
+
+def test_resume_gives_the_same_model_as_an_uninterrupted_run(
+        straight: tuple[JobConfig, TrainOutcome], tiny_mnist: Path, tmp_path: Path) -> None:
+    _, uninterrupted = straight
+    first = tiny_job(tiny_mnist, tmp_path, run_name="resumed", epochs=1, lr_decay_at=1.0)
+    first = replace(first, tracking=replace(first.tracking, register=False, overlays=0))  # saves ~5 s a run
+    one = run(first, tmp_path / "out1")
+    assert final_state(one)["epoch"] == 0
+    resumed = run(replace(first, train=replace(first.train, epochs=2)), tmp_path / "out2")
+    client = MlflowClient(resumed.tracking_uri)
+    # the re-run started at epoch 1: it logged no epoch 0
+    assert [m.step for m in client.get_metric_history(resumed.run_id, "train_total")] == [1]
+    expected, got = final_state(uninterrupted), final_state(resumed)
+    assert got["epoch"] == expected["epoch"] == 1
+    for name, tensor in expected["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
+    assert torch.equal(got["loss"]["baseline"], expected["loss"]["baseline"])
+    for pid, moments in expected["optimizer"]["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(torch.as_tensor(got["optimizer"]["state"][pid][key]), torch.as_tensor(value)), (pid, key)
+    assert got["metrics"]["train_total"] == expected["metrics"]["train_total"]
+
+
+def canvases(url: Path, n: int) -> np.ndarray:
+    """``n`` test canvases as uint8 (n, 512, 512), fully decoded from the shards (small images)."""
+    images = []
+    for shard in sorted((url / "test").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".tif") and len(images) < n:
+                    data = tar.extractfile(member)
+                    assert data is not None
+                    images.append(PyramidReader(data.read()).read_level(0))
+    return np.stack(images)
