@@ -29,7 +29,7 @@ from training.evaluation import evaluate_loader
 from training.loop import CHECKPOINT_FILE, load_state, train_loop_per_worker
 from training.pictures import confusion_png, write_overlays
 from training.pyfunc import log_pyfunc
-from training.tracking import config_params, find_or_create_run, resolve_tracking_uri
+from training.tracking import config_params, find_or_create_run, resolve_tracking_uri, tracking_uri_scope
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,9 @@ def finalize(cfg: JobConfig, checkpoint_dir: str, tracking_uri: str, run_id: str
     summary = result.summary()
     (out_dir / "evaluation.json").write_text(json.dumps(summary, indent=2))
 
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     model_uri = None
-    with mlflow.start_run(run_id=run_id):
+    with tracking_uri_scope(tracking_uri), mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"final_{k}": v for k, v in summary.items()})
         mlflow.log_artifacts(str(out_dir / "attention"), "attention")
         mlflow.log_artifact(str(confusion))

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -30,6 +33,26 @@ def resolve_tracking_uri(configured: str | None) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"  # absolute for workers
     return uri
+
+
+@contextmanager
+def tracking_uri_scope(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for a block, then restore what was there.
+
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into the environment, which
+    would leak into everything the process does afterwards (other jobs, tests).
+    """
+    before_env = os.environ.get("MLFLOW_TRACKING_URI")
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if before_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before_env
 
 
 def config_params(cfg: JobConfig) -> dict[str, str]:
