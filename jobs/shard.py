@@ -119,6 +119,11 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
     return dataclasses.replace(cfg, src=resolve(cfg.src), dst=resolve(cfg.dst))
 
 
+# Ray replaces 127.0.0.1 with the host's first network address so that other nodes can join;
+# with this switch at "0" it keeps every local-only cluster on the loopback interface.
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def start_ray(cfg: ShardConfig) -> bool:
     """Join a cluster (``--address``/RAY_ADDRESS) or start a private local Ray; True if started here."""
     import ray
@@ -130,6 +135,7 @@ def start_ray(cfg: ShardConfig) -> bool:
     elif os.environ.get("RAY_ADDRESS"):  # set in the driver of a `ray job submit` job
         ray.init(address="auto")
     else:
+        os.environ.setdefault(LOOPBACK_ONLY, "0")  # a private Ray stays on 127.0.0.1 (see below)
         ray.init(address="local", num_cpus=cfg.workers or os.cpu_count(), include_dashboard=False,
                  _node_ip_address="127.0.0.1")  # "local": never a stale /tmp/ray/ray_current_cluster
     return True

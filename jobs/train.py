@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> dict:
     if address:
         ray.init(address=address)
     else:
+        # Ray replaces 127.0.0.1 with the host's network address so other nodes can join; with
+        # this switch at "0" a private local cluster stays on the loopback interface.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         cpus = max(2, int(cfg.train.num_workers * cfg.train.cpus_per_worker + 0.999))
-        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False)
     outcome = train(cfg, Path(args.out).resolve() / cfg.train.run_name)
     summary = asdict(outcome)
     summary.pop("metrics")

@@ -10,6 +10,7 @@ package instead of the real one.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import uuid
@@ -19,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Every Ray these tests start (in this process or in subprocesses) stays on 127.0.0.1: without this
+# switch Ray replaces 127.0.0.1 with the host's network address so that other nodes could join.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT in sys.path:
