@@ -21,7 +21,6 @@ from functools import cached_property
 from typing import Any
 
 from pipeline.errors import DatasetError
-from pipeline.images import decode_image
 from pipeline.sources.base import LoadedSample, Reject, SourceRecord
 from pipeline.sources.listing import (
     DEFAULT_MAX_PIXELS,
@@ -29,9 +28,8 @@ from pipeline.sources.listing import (
     Listing,
     has_image_extension,
     list_files,
-    read_bytes,
+    load_image_file,
     sanitize_key,
-    sha256_hex,
 )
 
 SPLIT_NAMES = ("train", "val", "validation", "valid", "test")
@@ -150,16 +148,7 @@ class ImageFolder:
         Raises:
             SampleError: missing or undecodable file.
         """
-        data = read_bytes(record.source, self.storage_options)
-        image = decode_image(data, record.source, self.channels, self.max_pixels)
-        meta = {
-            **record.meta,
-            "label": record.label,
-            "label_name": record.label_name,
-            "width": int(image.shape[1]),
-            "height": int(image.shape[0]),
-        }
-        return LoadedSample(image=image, meta=meta, sha256=sha256_hex(data))
+        return load_image_file(record, self.channels, self.max_pixels, self.storage_options)
 
     def describe(self) -> dict[str, Any]:
         """Options for dataset.json."""

@@ -32,17 +32,16 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import DatasetError, SampleError
-from pipeline.images import decode_image
 from pipeline.sources.base import LoadedSample, Reject, SourceRecord
 from pipeline.sources.listing import (
     DEFAULT_MAX_PIXELS,
     KeyGuard,
     has_image_extension,
     list_files,
+    load_image_file,
     open_root,
     read_bytes,
     sanitize_key,
-    sha256_hex,
 )
 
 SPLITS = ("train", "val")
@@ -265,16 +264,7 @@ class ImageNet:
         Raises:
             SampleError: missing or undecodable file.
         """
-        data = read_bytes(record.source, self.storage_options)
-        image = decode_image(data, record.source, 3, self.max_pixels)
-        meta = {
-            **record.meta,
-            "label": record.label,
-            "label_name": record.label_name,
-            "width": int(image.shape[1]),
-            "height": int(image.shape[0]),
-        }
-        return LoadedSample(image=image, meta=meta, sha256=sha256_hex(data))
+        return load_image_file(record, 3, self.max_pixels, self.storage_options)
 
     def describe(self) -> dict[str, Any]:
         """Options for dataset.json."""

@@ -18,6 +18,8 @@ import fsspec
 from fsspec import AbstractFileSystem
 
 from pipeline.errors import DatasetError, SampleError
+from pipeline.images import decode_image
+from pipeline.sources.base import LoadedSample, SourceRecord
 
 # What the generic readers accept as images (lower-case, compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -158,3 +160,23 @@ def check_bools(owner: str, **values: Any) -> None:
     for name, value in values.items():
         if not isinstance(value, bool):
             raise ValueError(f"{owner}.{name}={value!r}: must be true or false")
+
+
+def load_image_file(
+    record: SourceRecord, channels: int, max_pixels: int, storage_options: dict[str, Any] | None = None
+) -> LoadedSample:
+    """Read and decode one image file of a record: the whole of loading for file-per-image datasets.
+
+    Raises:
+        SampleError: missing or undecodable file.
+    """
+    data = read_bytes(record.source, storage_options)
+    image = decode_image(data, record.source, channels, max_pixels)
+    meta = {
+        **record.meta,
+        "label": record.label,
+        "label_name": record.label_name,
+        "width": int(image.shape[1]),
+        "height": int(image.shape[0]),
+    }
+    return LoadedSample(image=image, meta=meta, sha256=sha256_hex(data))
