@@ -10,10 +10,10 @@ install: $(STAMP)
 
 # Torch comes from the local wheel cache (torch==2.14.1 / torchvision==0.29.1).
 # pillow-simd replaces Pillow last, with --no-deps, so nothing reinstalls Pillow over it.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(PY) -m pip uninstall --quiet -y pillow pillow-simd || true
 	CC="cc -mavx2" $(PY) -m pip install --quiet --no-deps --no-cache-dir --force-reinstall pillow-simd
 	$(PY) -c "import PIL; assert 'post' in PIL.__version__, PIL.__version__; print('pillow-simd', PIL.__version__)"
