@@ -266,14 +266,7 @@ class FMoW:
                 good = [r for r in listed if isinstance(r, SourceRecord)]
                 views = iter(rejects + list(self._box_records(good)))
             for item in views:
-                if isinstance(item, SourceRecord):
-                    holder = guard.claim(item.key, item.source)
-                    if holder is not None:
-                        yield Reject(
-                            item.source, "duplicate key", split, f"{item.key} already used by {holder}"
-                        )
-                        continue
-                yield item
+                yield guard.admit(item) if isinstance(item, SourceRecord) else item
 
     # ------------------------------------------------------------------ loading
 

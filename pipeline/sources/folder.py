@@ -127,20 +127,15 @@ class ImageFolder:
             if not has_image_extension(name):
                 yield Reject(url, "unreadable image", split, "not an image file name")
                 continue
-            key = sanitize_key(f"folder-{split}-{cls}-{name}")
-            holder = guard.claim(key, url)
-            if holder is not None:
-                yield Reject(url, "duplicate key", split, f"{key} already used by {holder}")
-                continue
-            yield SourceRecord(
-                key=key,
+            yield guard.admit(SourceRecord(
+                key=sanitize_key(f"folder-{split}-{cls}-{name}"),
                 split=split,
                 source=url,
                 label=index[cls],
                 label_name=cls,
                 meta={"path": rel},
                 size_hint=size,
-            )
+            ))
 
     def load(self, record: SourceRecord) -> LoadedSample:
         """Decode one image to ``channels`` channels.

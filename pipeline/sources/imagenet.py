@@ -243,20 +243,15 @@ class ImageNet:
                 if wnid not in index:
                     yield Reject(url, "unknown wnid", split, wnid)
                     continue
-                key = sanitize_key(f"imagenet-{split}-{stem}")
-                holder = guard.claim(key, url)
-                if holder is not None:
-                    yield Reject(url, "duplicate key", split, f"{key} already used by {holder}")
-                    continue
-                yield SourceRecord(
-                    key=key,
+                yield guard.admit(SourceRecord(
+                    key=sanitize_key(f"imagenet-{split}-{stem}"),
                     split=split,
                     source=url,
                     label=index[wnid],
                     label_name=wnid,
                     meta={"words": labels["words"].get(wnid, "")},
                     size_hint=size,
-                )
+                ))
 
     def load(self, record: SourceRecord) -> LoadedSample:
         """Decode one image to RGB.

@@ -19,7 +19,7 @@ from fsspec import AbstractFileSystem
 
 from pipeline.errors import DatasetError, SampleError
 from pipeline.images import decode_image
-from pipeline.sources.base import LoadedSample, SourceRecord
+from pipeline.sources.base import LoadedSample, Reject, SourceRecord
 
 # What the generic readers accept as images (lower-case, compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -150,6 +150,13 @@ class KeyGuard:
             return self._seen[key]
         self._seen[key] = source
         return None
+
+    def admit(self, record: SourceRecord) -> SourceRecord | Reject:
+        """The record when its key is new, else a "duplicate key" reject naming the holder."""
+        holder = self.claim(record.key, record.source)
+        if holder is None:
+            return record
+        return Reject(record.source, "duplicate key", record.split, f"{record.key} already used by {holder}")
 
 
 def check_bools(owner: str, **values: Any) -> None:
