@@ -175,10 +175,6 @@ class TNet(nn.Module):
         )
 
 
-def build_tnet(cfg: TNetConfig) -> TNet:
-    return TNet(cfg)
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

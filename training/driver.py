@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ def finalize(cfg: JobConfig, checkpoint_dir: str, tracking_uri: str, run_id: str
         mlflow.log_artifacts(str(out_dir / "attention"), "attention")
         mlflow.log_artifact(str(confusion))
         mlflow.log_artifact(str(out_dir / "config.yaml"))
-        mlflow.log_dict(dict(json.loads(json.dumps(state["metrics"]))), "last_epoch_metrics.json")
+        mlflow.log_dict(state["metrics"], "last_epoch_metrics.json")
         if cfg.tracking.register:
             example = np.stack([ex.base_view for ex in result.examples[:2]]) if result.examples else None
             with tempfile.TemporaryDirectory() as tmp:
