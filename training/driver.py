@@ -52,8 +52,6 @@ def absolute(url: str) -> str:
 
 
 def resolved(cfg: JobConfig) -> JobConfig:
-    from dataclasses import replace
-
     debug = absolute(cfg.train.debug_dir) if cfg.train.debug_dir else None
     return replace(cfg, data=replace(cfg.data, url=absolute(cfg.data.url)),
                    train=replace(cfg.train, storage_path=absolute(cfg.train.storage_path), debug_dir=debug))
