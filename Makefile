@@ -28,8 +28,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Every benchmark in quick mode (a few minutes on 2 cores); BENCH_ARGS=--full for the full runs,
+# BENCH_ARGS="--only loader" for one. Results and plots: benchmarks/results/, docs/benchmarks.md.
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .demo

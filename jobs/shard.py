@@ -6,6 +6,10 @@ Runs on a laptop (a local Ray on 127.0.0.1 with --workers CPUs) or on a cluster:
     python jobs/shard.py fmow --src s3://raw/fmow-rgb --dst s3://shards/fmow --shard-bytes 1GiB \\
         --storage-option client_kwargs.endpoint_url=http://minio:9000
     ray job submit --working-dir . -- python jobs/shard.py imagenet --src /data/ilsvrc --dst s3://shards/in1k
+    python jobs/shard.py slides --src /data/slides --dst s3://shards/wsi --shard-bytes 2GiB  # labels.csv in src
+
+Gigapixel inputs (slides, and folder images over the folder's stream_pixels) are built streaming:
+memory stays flat whatever the image size. For slides --max-pixels defaults to 64 Gi pixels.
 
 Settings come from the ShardConfig defaults, then --config YAML, then the flags, then --set a.b=c.
 S3 credentials and endpoint come from --storage-option or the standard AWS environment variables
@@ -31,10 +35,11 @@ except ImportError:  # `python jobs/shard.py` from a checkout without `pip insta
 from pipeline.errors import PipelineError
 from pipeline.ray_shard import Summary, build_source, run_sharding
 from pipeline.shard_config import ShardConfig, parse_size
+from pipeline.sources.slides import DEFAULT_SLIDE_MAX_PIXELS
 from pipeline.storage import redact
 from tnet.configtools import apply_overrides, from_dict, load_yaml
 
-DATASETS = ("fmow", "imagenet", "megapixel-mnist", "folder")
+DATASETS = ("fmow", "imagenet", "megapixel-mnist", "folder", "slides")
 _FLAGS = {  # argparse dest -> ShardConfig field
     "src": "src", "dst": "dst", "splits": "splits", "tile": "tile", "quality": "quality",
     "max_side": "max_side", "max_pixels": "max_pixels", "shard_bytes": "shard_bytes", "seed": "seed",
@@ -115,6 +120,8 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
     for name in ("shard_bytes", "max_pixels"):
         if isinstance(data.get(name), str):
             data[name] = parse_size(data[name])
+    if args.dataset == "slides":  # the in-memory bomb limit means nothing to a streamed build
+        data.setdefault("max_pixels", DEFAULT_SLIDE_MAX_PIXELS)
     cfg = from_dict(ShardConfig, data)
     return dataclasses.replace(cfg, src=resolve(cfg.src), dst=resolve(cfg.dst))
 

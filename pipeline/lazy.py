@@ -120,6 +120,13 @@ def apply_jitter(t: Tensor, view: View) -> Tensor:
     return adjust_hue(t, amount)
 
 
+
+def views_to_source(views: list[View], boxes: Tensor) -> Tensor:
+    """(B, R, 4) normalised view boxes -> the same boxes in source-image pixels, per sample."""
+    arr = boxes.detach().double().cpu().numpy()
+    out = np.stack([v.to_source(arr[i]) for i, v in enumerate(views)])
+    return torch.from_numpy(out).to(boxes.dtype)
+
 class PyramidRegionSource:
     """A batch of pyramids as a ``tnet.regions.RegionSource``.
 
@@ -142,9 +149,7 @@ class PyramidRegionSource:
         return len(self.readers)
 
     def source_boxes(self, boxes: Tensor) -> Tensor:
-        arr = boxes.detach().double().cpu().numpy()
-        out = np.stack([v.to_source(arr[i]) for i, v in enumerate(self.views)])
-        return torch.from_numpy(out).to(boxes.dtype)
+        return views_to_source(self.views, boxes)
 
     def read_regions(self, boxes: Tensor, out_size: int) -> Tensor:
         if boxes.dim() != 3 or boxes.shape[0] != len(self) or boxes.shape[-1] != 4:

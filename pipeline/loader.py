@@ -10,6 +10,12 @@ short, so every rank makes the same number of steps and DDP never waits on an ex
 Workers decode only the base view (the whole view at ``base_size``, from the pyramid's coarse
 levels); the batch carries each sample's pyramid bytes so the model's deeper levels decode only
 the tiles they select (``pipeline.lazy.PyramidRegionSource``).
+
+``access="random"`` (``data.access: random``, for samples too big to stream): slots get manifest
+rows instead of shards (``pipeline.random_access``), and the batch carries each sample's address
+(``ranged.MemberRef``) instead of its bytes, so the header and the tiles actually used are the
+only bytes fetched, by ranged requests. ``Batch.bytes_fetched()`` counts them (streaming mode: the
+whole member) for the bytes-read fraction, logged like the decoded-pixel fraction.
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ from pipeline.dataset_files import MANIFEST, read_dataset_json
 from pipeline.errors import FormatError, PipelineError
 from pipeline.lazy import PyramidRegionSource, View, random_view, to_model
 from pipeline.pyramid import PyramidReader
+from pipeline.random_access import cycle, manifest_rows, read_json_member, slot_rows
+from pipeline.ranged import ByteCounter, MemberRef
 from pipeline.storage import join, open_url
+from pipeline.tarshard import check_key
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +67,27 @@ class StreamSpec:
     shuffle_buffer: int = 128
     storage_options: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = 2**34
+    access: str = "stream"  # "stream": shards read whole, in order; "random": ranged reads per sample
+
+    def __post_init__(self) -> None:
+        if self.access not in ACCESS_MODES:
+            raise ValueError(f"access={self.access!r}: must be one of {list(ACCESS_MODES)}")
+
+
+ACCESS_MODES = ("stream", "random")
 
 
 @dataclass
 class Prepared:
     key: str
     label: int
-    tif: bytes
+    tif: bytes | MemberRef  # the pyramid's bytes (stream) or where it lies (random)
     view: View
     base: torch.Tensor  # (C, b, b)
     decoded: int  # pixels decoded for the base view
     full: int  # level-0 pixels of the image
+    fetched: int = 0  # bytes fetched for this sample so far (stream: the whole member)
+    size: int = 0  # bytes of the pyramid member
 
 
 @dataclass
@@ -82,15 +101,30 @@ class Batch:
     full_pixels: int
     skipped: int = 0  # samples that failed to decode since the previous batch of this worker
     errors: list[str] = field(default_factory=list)
+    base_fetched: int = 0  # bytes the loader fetched for these samples (header + base view tiles)
+    sample_bytes: int = 0  # bytes of these samples' pyramid members
+    _counters: list[ByteCounter] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def region_source(self, channels: int, executor: Executor | None = None,
                       antialias: bool = True) -> PyramidRegionSource:
-        readers = [PyramidReader(t, where=k) for t, k in zip(self.pyramids, self.keys)]
+        readers = [self._reader(t, k) for t, k in zip(self.pyramids, self.keys)]
         return PyramidRegionSource(readers, self.views, channels, self.base_views, self.base_decoded,
                                    executor, antialias)
+
+    def _reader(self, tif: bytes | MemberRef, key: str) -> PyramidReader:
+        if isinstance(tif, MemberRef):  # random access: ranged reads, counted per batch
+            counter = ByteCounter()
+            self._counters.append(counter)
+            return PyramidReader(tif.open(counter), where=key, defer_index=True)
+        return PyramidReader(tif, where=key)
+
+    def bytes_fetched(self) -> int:
+        """Bytes fetched from storage for this batch: by the loader, plus by the region sources
+        made so far (random access; in streaming mode the loader already read whole members)."""
+        return self.base_fetched + sum(c.bytes for c in self._counters)
 
 
 def split_shards(url: str, split: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, int]]:
@@ -133,6 +167,9 @@ class ShardStream(IterableDataset):
         slot, slots = spec.rank * nw + wid, spec.world * nw
         quota = spec.quota // nw + (1 if wid < spec.quota % nw else 0)
         rng = random.Random(f"{spec.seed}-{spec.epoch}-{slot}")
+        if spec.access == "random":
+            yield from self._random_access(slot, slots, quota, rng)
+            return
         shards, stride = slot_plan(spec.shards, slot, slots, random.Random(f"{spec.seed}-{spec.epoch}"))
         produced = 0
         while produced < quota:
@@ -162,6 +199,57 @@ class ShardStream(IterableDataset):
             except (OSError, tarfile.TarError, ValueError) as exc:
                 yield PipelineError(f"{url}: unreadable shard ({type(exc).__name__}: {exc})")
 
+    def _random_access(self, slot: int, slots: int, quota: int, rng: random.Random) -> Iterator[Prepared | PipelineError]:
+        spec = self.spec
+        try:
+            rows = manifest_rows(spec.url, spec.split, spec.storage_options)
+        except (PipelineError, OSError, ValueError) as exc:
+            yield PipelineError(f"{spec.url}: manifest unreadable ({type(exc).__name__}: {exc})")
+            return
+        mine = slot_rows(rows, slot, slots, random.Random(f"{spec.seed}-{spec.epoch}"), spec.train)
+        for row in cycle(mine, quota):
+            yield self._prepare_ref(row.key, row.label, row.ref, rng)
+
+    def _prepare_ref(self, key: str, label: int, ref: MemberRef, rng: random.Random) -> Prepared | PipelineError:
+        spec = self.spec
+        counter = ByteCounter()
+        try:
+            f = ref.open(counter, record=True, where=f"{key} in {ref.url}/{ref.shard}")
+            reader = PyramidReader(f, where=key, max_pixels=spec.max_pixels, defer_index=True)
+            meta = read_json_member(ref, key, counter) if spec.train else {}
+            prepared = self._base_view(key, label, reader, meta, rng)
+            if isinstance(prepared, PipelineError):
+                return prepared
+            prepared.tif = MemberRef(ref.url, ref.shard, ref.offset, ref.size, ref.storage_options,
+                                     tuple(f.chunks or ()))
+            prepared.fetched, prepared.size = counter.bytes, ref.size
+            return prepared
+        except (KeyError, ValueError, json.JSONDecodeError, FormatError, OSError) as exc:
+            return PipelineError(f"{key}: undecodable sample ({type(exc).__name__}: {exc})")
+
+    def _base_view(self, key: str, label: int, reader: PyramidReader, meta: dict[str, Any],
+                   rng: random.Random) -> Prepared | PipelineError:
+        """The base view of a random-access sample (the same steps as ``_prepare``)."""
+        try:
+            view, base = self._view(reader, meta, rng)
+            return Prepared(key, label, b"", view, base, reader.decoded_pixels, reader.full_pixels())
+        except (KeyError, ValueError, FormatError, OSError) as exc:
+            return PipelineError(f"{key}: undecodable sample ({type(exc).__name__}: {exc})")
+
+    def _view(self, reader: PyramidReader, meta: dict[str, Any], rng: random.Random) -> tuple[View, torch.Tensor]:
+        """The sample's view (random crop/flip/jitter in training, else whole) and its base pixels."""
+        spec = self.spec
+        objects = [b["box"] for b in meta.get("meta", {}).get("boxes", []) if "box" in b]
+        if spec.train:
+            view = random_view(reader.width, reader.height, rng, spec.flip, spec.colour_jitter,
+                               objects=objects or None)
+        else:
+            view = View((0.0, 0.0, float(reader.width), float(reader.height)))
+        pixels = reader.read_region(view.box, spec.base_size, fill=128)
+        mean = tuple(float(m) for m in np.atleast_1d(pixels.reshape(-1, reader.channels).mean(0) / 255.0))
+        view = View(view.box, view.flip, view.jitter, mean)
+        return view, to_model(pixels, view, spec.channels)
+
     def _shuffled(self, items: Iterator[Any], rng: random.Random) -> Iterator[Any]:
         if not self.spec.train or self.spec.shuffle_buffer <= 1:
             yield from items
@@ -178,20 +266,13 @@ class ShardStream(IterableDataset):
         spec = self.spec
         key = sample.get("__key__", "?")
         try:
+            check_key(key, sample.get("__url__", ""))  # hostile member names never become file names
             meta = json.loads(sample["json"])
             label = int(sample["cls"])
             reader = PyramidReader(sample["tif"], where=key, max_pixels=spec.max_pixels)
-            objects = [b["box"] for b in meta.get("meta", {}).get("boxes", []) if "box" in b]
-            if spec.train:
-                view = random_view(reader.width, reader.height, rng, spec.flip, spec.colour_jitter,
-                                   objects=objects or None)
-            else:
-                view = View((0.0, 0.0, float(reader.width), float(reader.height)))
-            pixels = reader.read_region(view.box, spec.base_size, fill=128)
-            mean = tuple(float(m) for m in np.atleast_1d(pixels.reshape(-1, reader.channels).mean(0) / 255.0))
-            view = View(view.box, view.flip, view.jitter, mean)
-            base = to_model(pixels, view, spec.channels)
-            return Prepared(key, label, sample["tif"], view, base, reader.decoded_pixels, reader.full_pixels())
+            view, base = self._view(reader, meta, rng)
+            return Prepared(key, label, sample["tif"], view, base, reader.decoded_pixels, reader.full_pixels(),
+                            len(sample["tif"]), len(sample["tif"]))
         except (KeyError, ValueError, json.JSONDecodeError, FormatError, OSError) as exc:
             return PipelineError(f"{key}: undecodable sample ({type(exc).__name__}: {exc})")
 
@@ -211,6 +292,8 @@ def collate(items: list[Prepared | PipelineError]) -> Batch | None:
         full_pixels=sum(g.full for g in good),
         skipped=len(errors),
         errors=errors,
+        base_fetched=sum(g.fetched for g in good),
+        sample_bytes=sum(g.size for g in good),
     )
 
 

@@ -76,8 +76,18 @@ def pyramid_levels(image: np.ndarray, tile: int) -> list[np.ndarray]:
     return levels
 
 
-def _tiles(level: np.ndarray, tile: int):
-    """Row-major tiles of ``level``, edge tiles padded by repeating the edge pixels."""
+def level_sizes(width: int, height: int, tile: int) -> list[tuple[int, int]]:
+    """(w, h) of every level ``pyramid_levels`` makes: halved (ceil) until one tile holds the level."""
+    sizes = [(width, height)]
+    while sizes[-1][0] > tile or sizes[-1][1] > tile:
+        w, h = sizes[-1]
+        sizes.append((-(-w // 2), -(-h // 2)))
+    return sizes
+
+
+def tiles_of_band(level: np.ndarray, tile: int):
+    """Row-major tiles of ``level`` (or of a band of it starting at a tile row), edge tiles padded
+    by repeating the edge pixels."""
     h, w = level.shape[:2]
     for y in range(0, h, tile):
         for x in range(0, w, tile):
@@ -98,14 +108,26 @@ def build_pyramid(image: np.ndarray, tile: int = DEFAULT_TILE, quality: int = 90
     """
     image = _check_build_args(image, tile, quality)
     levels = pyramid_levels(image, tile)
-    photometric = "rgb" if image.ndim == 3 else "minisblack"
     buf = io.BytesIO()
     with tifffile.TiffWriter(buf, bigtiff=sum(lv.nbytes for lv in levels) > 2**31) as tw:
         for i, lv in enumerate(levels):
-            tw.write(_tiles(lv, tile), shape=lv.shape, dtype=np.uint8, tile=(tile, tile),
-                     photometric=photometric, compression="jpeg", compressionargs={"level": int(quality)},
-                     subfiletype=1 if i else 0, metadata=None, software=False)
+            channels = 3 if lv.ndim == 3 else 1
+            write_level(tw, tiles_of_band(lv, tile), (lv.shape[1], lv.shape[0]), channels, tile, quality, i)
     return buf.getvalue()
+
+
+def write_level(tw: tifffile.TiffWriter, tiles, size: tuple[int, int], channels: int, tile: int,
+                quality: int, index: int) -> None:
+    """Append one level (an iterator of row-major ``tile`` x ``tile`` tiles) as page ``index``.
+
+    The one place the page's tags are chosen, so in-memory and streaming builds agree byte for byte.
+    """
+    w, h = size
+    shape = (h, w, 3) if channels == 3 else (h, w)
+    tw.write(tiles, shape=shape, dtype=np.uint8, tile=(tile, tile),
+             photometric="rgb" if channels == 3 else "minisblack", compression="jpeg",
+             compressionargs={"level": int(quality)}, subfiletype=1 if index else 0, metadata=None,
+             software=False)
 
 
 @dataclass(frozen=True)
@@ -122,8 +144,10 @@ class PyramidReader:
     """Lazy reader of a pyramid made by ``build_pyramid`` (or any 8-bit JPEG-tiled TIFF pyramid).
 
     ``src`` is the file's bytes or a seekable binary file object (a local file, an fsspec file
-    doing HTTP range reads). Only the header/IFDs (``header_bytes``) and the tiles a read needs
-    (``bytes_read``) are ever fetched. Decoded tiles are kept in an LRU cache of ``cache_tiles``;
+    doing HTTP range reads, a ``ranged.RangedFile`` whose ``read_ranges`` fetches all the tiles of
+    a call in one batch). Only the header/IFDs (``header_bytes``) and the tiles a read needs
+    (``bytes_read``) are ever fetched; ``defer_index=True`` also leaves a level's tile index
+    unread until a tile of it is needed (tiff_ifd.DeferredInts), for huge images read coarsely. Decoded tiles are kept in an LRU cache of ``cache_tiles``;
     ``decoded_pixels`` (tile areas) and ``tiles_decoded`` count real decodes only. One reader may
     serve many threads: file reads, the cache and the counters are under locks, decodes are not.
 
@@ -133,7 +157,7 @@ class PyramidReader:
     """
 
     def __init__(self, src: bytes | BinaryIO, *, where: str = "<bytes>", max_pixels: int = 2**34,
-                 max_tile_bytes: int = 16 << 20, cache_tiles: int = 256) -> None:
+                 max_tile_bytes: int = 16 << 20, cache_tiles: int = 256, defer_index: bool = False) -> None:
         if max_pixels < 1 or max_tile_bytes < 1 or cache_tiles < 0:
             raise ValueError(f"{where}: max_pixels={max_pixels}, max_tile_bytes={max_tile_bytes}, "
                              f"cache_tiles={cache_tiles}: limits must be positive (cache may be 0)")
@@ -152,7 +176,8 @@ class PyramidReader:
                 self.size = src.seek(0, io.SEEK_END)
             except (OSError, ValueError, AttributeError) as exc:
                 raise FormatError(f"{where}: source is not a seekable binary file ({exc})") from exc
-        self._levels = parse_pyramid(self._read_header, self.size, where, max_pixels)
+        self._prefetched: dict[TileKey, bytes] = {}
+        self._levels = parse_pyramid(self._read_header, self.size, where, max_pixels, defer_index)
 
     # ----------------------------------------------------------------------------------------------
     # properties
@@ -196,7 +221,7 @@ class PyramidReader:
             self.header_bytes += len(data)
         return data
 
-    def _fetch_tile(self, key: TileKey) -> bytes:
+    def _tile_span(self, key: TileKey) -> tuple[int, int]:
         level, tx, ty = key
         lv = self._levels[level]
         index = ty * lv.tiles_across + tx
@@ -204,7 +229,32 @@ class PyramidReader:
         if not 0 < count <= self.max_tile_bytes or offset + count > self.size:
             raise FormatError(f"{self.where}: tile {key} of {count} bytes at {offset} refused "
                               f"(max_tile_bytes={self.max_tile_bytes}, file {self.size} bytes)")
-        data = self._read_raw(offset, count)
+        return offset, count
+
+    def _prefetch(self, keys: Sequence[TileKey]) -> None:
+        """Fetch the compressed bytes of tiles not yet cached in one batch, when the source offers
+        ``read_ranges`` (ranged.RangedFile: merged, concurrent range requests). Otherwise a no-op:
+        tiles are then read one by one as they are decoded."""
+        ranged = getattr(self._file, "read_ranges", None)
+        if ranged is None:
+            return
+        with self._lock:
+            missing = [k for k in keys if k not in self._cache and k not in self._prefetched]
+        if len(missing) < 2:
+            return
+        spans = [self._tile_span(k) for k in missing]
+        with self._io_lock:
+            blobs = ranged(spans)
+        with self._lock:
+            self._prefetched.update(zip(missing, blobs))
+
+    def _fetch_tile(self, key: TileKey) -> bytes:
+        lv = self._levels[key[0]]
+        offset, count = self._tile_span(key)
+        with self._lock:
+            data = self._prefetched.pop(key, None)
+        if data is None:
+            data = self._read_raw(offset, count)
         if len(data) != count:
             raise FormatError(f"{self.where}: tile {key}: short read ({len(data)} of {count} bytes)")
         with self._lock:
@@ -315,6 +365,7 @@ class PyramidReader:
             raise ValueError(f"fill={fill}: must be in 0..255")
         plans = [self._plan(b, size, level) for b in boxes]
         keys = sorted({k for p in plans for k in p.tiles})
+        self._prefetch(keys)
         if executor is None:
             tiles = {k: self._tile(k) for k in keys}
             return [self._render(p, tiles, size, antialias, fill) for p in plans]
@@ -351,6 +402,7 @@ class PyramidReader:
         w, h = self.levels[level]
         t = self.tile
         out = np.empty((h, w) + ((3,) if self.channels == 3 else ()), np.uint8)
+        self._prefetch([(level, tx, ty) for tx, ty in tiles_of(Window(0, 0, w, h), t)])
         for tx, ty in tiles_of(Window(0, 0, w, h), t):
             tile = self._tile((level, tx, ty))
             out[ty * t:(ty + 1) * t, tx * t:(tx + 1) * t] = tile[:min(t, h - ty * t), :min(t, w - tx * t)]

@@ -33,7 +33,7 @@ from pipeline.sources.base import Reject, Source, SourceRecord
 from pipeline.storage import redact
 from tnet.configtools import from_dict, to_dict
 
-_DECODING_SOURCES = ("fmow", "imagenet", "folder")  # sources that take a max_pixels option
+_DECODING_SOURCES = ("fmow", "imagenet", "folder", "slides")  # sources that take a max_pixels option
 
 
 @dataclass

@@ -6,7 +6,9 @@ Per record: ``source.load`` -> decompression-bomb check -> optional antialiased 
 ``max_side`` -> ``build_pyramid`` -> members ``{key}.tif``, ``{key}.json``, ``{key}.cls``. A
 ``SampleError`` becomes a reject row with its reason; any other exception raised while turning one
 record into a sample becomes a reject whose reason names the exception type. Either way the shard
-goes on: every input ends as exactly one manifest row or one reject row.
+goes on: every input ends as exactly one manifest row or one reject row. A source that streams
+(``load_stream``, gigapixel inputs) hands over bands instead: the pyramid is built into a
+temporary file by ``streaming.build_pyramid_file`` and copied into the tar in chunks.
 
 Commit protocol (resumability): the tar is written to a temporary key and committed atomically;
 only then the shard's index ``{split}/shard-{i:06d}.json`` (fingerprint of the output config,
@@ -33,6 +35,8 @@ from pipeline.pyramid import PyramidReader, build_pyramid
 from pipeline.shard_config import FORMAT_VERSION, ShardConfig, fingerprint
 from pipeline.sources.base import LoadedSample, Source, SourceRecord
 from pipeline.storage import atomic_writer, exists, file_sha256, join, open_url, write_atomic
+from pipeline.streamed_sample import FileMember, StreamedSample
+from pipeline.streaming import build_pyramid_file
 from pipeline.tarshard import TarShardWriter
 
 MANIFEST_COLUMNS = (
@@ -155,14 +159,72 @@ def build_members(
     return members, fields, src_w * src_h
 
 
+def build_streamed_members(
+    record: SourceRecord, sample: StreamedSample, cfg: ShardConfig
+) -> tuple[list[tuple[str, Any]], dict[str, Any], int]:
+    """``build_members`` for an image given as bands: the pyramid is built streaming into a
+    temporary file and becomes a ``FileMember`` (close it after writing). Same metadata fields.
+
+    Raises:
+        SampleError: too many pixels, a ``max_side`` the band source cannot apply, bad metadata,
+            or the source's own decode errors.
+    """
+    try:
+        bands = sample.bands
+        src_w, src_h = bands.width, bands.height
+        if src_w * src_h > cfg.max_pixels:
+            raise SampleError(record.source, "decompression bomb", f"{src_w * src_h} pixels > max_pixels={cfg.max_pixels}")
+        if cfg.max_side and max(src_w, src_h) > cfg.max_side:
+            shrunk = getattr(bands, "shrunk", None)
+            if shrunk is None:
+                raise SampleError(record.source, "unsupported option", "max_side on a streamed source without resizing")
+            bands = shrunk(cfg.max_side)
+        f, built = build_pyramid_file(bands, cfg.tile, cfg.quality)
+    finally:
+        sample.close()
+    width, height = built.levels[0]
+    info: dict[str, Any] = {
+        "key": record.key, "source": record.source, "sha256": sample.sha256, "split": record.split,
+        "label": record.label, "label_name": record.label_name, "width": width, "height": height,
+        "channels": bands.channels, "source_width": src_w, "source_height": src_h, "scale": width / src_w,
+        "pyramid": {"levels": len(built.levels), "tile": cfg.tile, "quality": cfg.quality, "format": "tiff-jpeg-tiled"},
+        "meta": {**record.meta, **sample.meta},
+        "format_version": FORMAT_VERSION,
+    }  # fmt: skip
+    try:
+        meta_bytes = canonical_json(info)
+    except (TypeError, ValueError) as exc:
+        f.close()
+        raise SampleError(record.source, "bad metadata", str(exc)) from None
+    members = [("tif", FileMember(f, built.size)), ("json", meta_bytes), ("cls", str(record.label).encode("ascii"))]
+    fields = {"label": record.label, "label_name": record.label_name, "width": width, "height": height,
+              "source": record.source, "sha256": sample.sha256}  # fmt: skip
+    return members, fields, src_w * src_h
+
+
+def close_members(members: list[tuple[str, Any]]) -> None:
+    """Close file-backed members (their temporary files vanish); bytes need nothing."""
+    for _, data in members:
+        close = getattr(data, "close", None)
+        if close is not None:
+            close()
+
+
 def _sample_or_reject(
     record: SourceRecord, source: Source, cfg: ShardConfig
-) -> tuple[list[tuple[str, bytes]], dict[str, Any], int] | dict[str, Any]:
-    """Members and fields of one record, or its reject row; never raises for a bad input."""
+) -> tuple[list[tuple[str, Any]], dict[str, Any], int] | dict[str, Any]:
+    """Members and fields of one record, or its reject row; never raises for a bad input.
+
+    A source with ``load_stream`` (streamed_sample.py) may hand over bands instead of pixels.
+    """
     try:
         declared = _declared_pixels(record)
         if declared > cfg.max_pixels:
             raise SampleError(record.source, "decompression bomb", f"declared {declared} pixels > max_pixels={cfg.max_pixels}")
+        load_stream = getattr(source, "load_stream", None)
+        streamed = load_stream(record) if load_stream is not None else None
+        if streamed is not None:
+            return build_streamed_members(record, streamed, cfg)
         return build_members(record, source.load(record), cfg)
     except SampleError as exc:
         return reject_row(record, exc.reason, exc.detail)
@@ -190,6 +252,7 @@ def calibrate_scale(records: list[SourceRecord], source: Source, cfg: ShardConfi
         if isinstance(made, dict):
             continue
         made_bytes += sum(512 + len(data) + (-len(data) % 512) for _, data in made[0])
+        close_members(made[0])
         estimated += estimate_bytes(ordered[i])
     return made_bytes / estimated if estimated and made_bytes else 1.0
 
@@ -258,7 +321,10 @@ def write_shard(task: ShardTask, source: Source, cfg: ShardConfig) -> ShardResul
                     atomic_writer(fs, join(root, tar_rel), root, verify_sha256=cfg.verify == "sha256")
                 )
                 tar = TarShardWriter(writer)
-            spans = tar.add_sample(record.key, members)
+            try:
+                spans = tar.add_sample(record.key, members)
+            finally:
+                close_members(members)
             tif = spans["tif"]
             rows.append({"key": record.key, "split": task.split, "shard": tar_rel, "offset": tif.offset,
                          "size": tif.size, "header_offset": tif.header_offset, **fields})  # fmt: skip

@@ -9,6 +9,13 @@ re-run deletes before it starts.
 
 Listing caches are disabled (``use_listings_cache=False``) because a stale listing would hide a
 shard that another process committed a moment ago.
+
+Retries (``RetryPolicy``, storage option ``retries``): a flaky store (500/503, a stalled socket, a
+connection cut mid-transfer) must cost time, not data. On S3 the policy becomes botocore's
+``standard`` retry mode (500/502/503/504, throttling, connection errors and timeouts are retried
+with exponential backoff and full jitter) and s3fs's own retry of a response body cut short.
+Objects are only ever created through ``atomic_writer``, so a retried or abandoned upload can
+leave a temporary object under ``_tmp/`` but never a partial object under its final key.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import fsspec
@@ -38,6 +45,57 @@ class StorageError(PipelineError):
     """An object could not be written, verified or committed."""
 
 
+RETRY_OPTION = "retries"  # the storage option that holds a RetryPolicy (a mapping of its fields)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a storage request is retried; set per dataset with ``storage_options["retries"]``.
+
+    ``attempts`` counts tries of one HTTP request, the first included; botocore waits between them
+    with exponential backoff and full jitter (``uniform(0, 1) * 2**n`` seconds, at most 20 s). A
+    response body cut short is re-requested by s3fs up to ``attempts`` times as well. With the
+    store down for good a request therefore fails after roughly ``attempts**2`` connection tries
+    and ``attempts`` backoff rounds, and the job stops with the error (nothing is committed).
+    """
+
+    attempts: int = 6  # tries per request, first included
+    timeout_s: float = 30.0  # connect and read timeout of one request; a stall longer than this is retried
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.attempts, int) or isinstance(self.attempts, bool) or not 1 <= self.attempts <= 100:
+            raise ValueError(f"retries.attempts={self.attempts!r}: must be an int in 1..100")
+        if not isinstance(self.timeout_s, int | float) or not 0 < self.timeout_s <= 3600:
+            raise ValueError(f"retries.timeout_s={self.timeout_s!r}: must be in (0, 3600] seconds")
+
+
+def retry_policy(storage_options: Mapping[str, Any] | None) -> RetryPolicy:
+    """The ``RetryPolicy`` of ``storage_options["retries"]`` (a mapping of its fields), else the default.
+
+    Raises:
+        ValueError: an unknown field or a bad value, named.
+    """
+    given = (storage_options or {}).get(RETRY_OPTION)
+    if given is None:
+        return RetryPolicy()
+    if not isinstance(given, Mapping):
+        raise ValueError(f"storage_options.retries={given!r}: expected a mapping like {{attempts: 6, timeout_s: 30}}")
+    known = {f.name for f in fields(RetryPolicy)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"storage_options.retries: unknown field(s) {unknown}; known: {sorted(known)}")
+    return RetryPolicy(**dict(given))
+
+
+def _s3_retry_options(options: dict[str, Any], policy: RetryPolicy) -> dict[str, Any]:
+    """``options`` with botocore's retry mode, attempts and timeouts set where the user set none."""
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("retries", {"mode": "standard", "max_attempts": policy.attempts})
+    config.setdefault("connect_timeout", policy.timeout_s)
+    config.setdefault("read_timeout", policy.timeout_s)
+    return {**options, "config_kwargs": config}
+
+
 def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
     """Return ``(filesystem, path)`` for a local path, ``file://`` URL or ``s3://`` (any fsspec) URL.
 
@@ -45,21 +103,43 @@ def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tupl
     driver's see the same files. For S3, credentials and endpoint come from ``storage_options``
     (``key``, ``secret``, ``client_kwargs={"endpoint_url": ...}``) or, when absent, from the
     standard AWS environment variables and config files, which s3fs/botocore read themselves.
+    ``storage_options["retries"]`` (see ``RetryPolicy``) is ours and is not passed to fsspec.
 
     Raises:
-        ValueError: when ``url`` is empty.
+        ValueError: when ``url`` is empty or the retry policy is invalid.
     """
     if not url:
         raise ValueError("url='': empty storage URL")
-    options = dict(storage_options or {})
+    policy = retry_policy(storage_options)
+    options = {k: v for k, v in (storage_options or {}).items() if k != RETRY_OPTION}
     if "://" not in url:
         url = os.path.abspath(os.path.expanduser(url))
     elif url.startswith("file://"):
         url = "file://" + os.path.abspath(url[len("file://") :])
     else:
         options.setdefault("use_listings_cache", False)
+        if url.startswith(("s3://", "s3a://")):
+            options = _s3_retry_options(options, policy)
     fs, path = fsspec.core.url_to_fs(url, **options)
+    if hasattr(fs, "retries"):  # s3fs: re-requests of a body cut short (instance attribute, per options)
+        fs.retries = policy.attempts
     return fs, path.rstrip("/") or path
+
+
+@contextmanager
+def storage_errors(where: str) -> Iterator[None]:
+    """Turn a failure of the store (after its retries) into a ``StorageError`` that names ``where``.
+
+    Our own errors, ``FileNotFoundError`` (callers act on it) and interrupts pass unchanged; the
+    message is redacted, so a credential inside a botocore message never reaches a log.
+    """
+    try:
+        yield
+    except (PipelineError, FileNotFoundError, ValueError):
+        raise
+    except Exception as exc:
+        raise StorageError(f"{redact(where)}: storage request failed after retries "
+                           f"({type(exc).__name__}: {redact(str(exc))[:500]}); re-run to resume") from exc
 
 
 def is_local(fs: Any) -> bool:
@@ -109,7 +189,8 @@ class HashingWriter:
         self.size = 0
 
     def write(self, data: bytes) -> int:
-        self._raw.write(data)
+        with storage_errors(str(getattr(self._raw, "path", "upload"))):
+            self._raw.write(data)
         self._sha.update(data)
         self.size += len(data)
         return len(data)
@@ -161,13 +242,21 @@ def atomic_writer(
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
     commit = _Commit()
     try:
-        with fs.open(tmp, "wb") as raw:
-            writer = HashingWriter(raw)
+        with storage_errors(tmp):
+            raw = fs.open(tmp, "wb")
+        writer = HashingWriter(raw)
+        try:
             yield writer, commit
-        _verify(fs, tmp, writer.size, writer.hexdigest() if verify_sha256 else None)
-        _move(fs, tmp, path)
-        fs.invalidate_cache(path)
-        stored = fs.info(path)["size"]
+        except BaseException:
+            _discard(fs, raw)
+            raise
+        with storage_errors(tmp):
+            raw.close()  # on S3: the upload (or its last part) happens here
+            _verify(fs, tmp, writer.size, writer.hexdigest() if verify_sha256 else None)
+        with storage_errors(path):
+            _move(fs, tmp, path)
+            fs.invalidate_cache(path)
+            stored = fs.info(path)["size"]
         if stored != writer.size:
             raise StorageError(f"{path}: committed object has {stored} bytes, wrote {writer.size}")
         commit.result = Committed(path, writer.size, writer.hexdigest())
@@ -187,7 +276,7 @@ def write_atomic(fs: Any, path: str, data: bytes, root: str, verify_sha256: bool
 def file_sha256(fs: Any, path: str) -> str:
     """sha256 of a stored object, read in blocks (streaming, constant memory)."""
     sha = hashlib.sha256()
-    with fs.open(path, "rb", block_size=READ_BLOCK, cache_type="none") as f:
+    with storage_errors(path), fs.open(path, "rb", block_size=READ_BLOCK, cache_type="none") as f:
         while chunk := f.read(READ_BLOCK):
             sha.update(chunk)
     return sha.hexdigest()
@@ -201,25 +290,37 @@ def read_range(fs: Any, path: str, offset: int, size: int) -> bytes:
     """
     if offset < 0 or size < 0:
         raise ValueError(f"{path}: bad range offset={offset} size={size}")
-    data = fs.cat_file(path, start=offset, end=offset + size)
+    with storage_errors(path):
+        data = fs.cat_file(path, start=offset, end=offset + size)
     if len(data) != size:
         raise StorageError(f"{path}: range [{offset}, {offset + size}) returned {len(data)} bytes")
     return data
 
 
 def exists(fs: Any, path: str) -> bool:
-    """``fs.exists`` without trusting any cached listing."""
+    """``fs.exists`` without trusting any cached listing.
+
+    Raises:
+        StorageError: the store did not answer (s3fs's own ``exists`` would say False).
+    """
     fs.invalidate_cache(path)
-    return fs.exists(path)
+    with storage_errors(path):
+        if is_local(fs):
+            return fs.exists(path)
+        try:
+            fs.info(path)
+        except FileNotFoundError:
+            return False
+        return True
 
 
 def clean_tmp(fs: Any, root: str) -> int:
     """Delete the temporary area ``{root}/_tmp`` left by interrupted writes; returns objects removed."""
     tmp = join(root, TMP_DIR)
-    fs.invalidate_cache(tmp)
-    if not fs.exists(tmp):
+    if not exists(fs, tmp):
         return 0
-    files = [p for p in fs.find(tmp) if p.rstrip("/") != tmp]
+    with storage_errors(tmp):
+        files = [p for p in fs.find(tmp) if p.rstrip("/") != tmp]
     for p in files:
         _remove_quietly(fs, p)
     if is_local(fs):
@@ -243,6 +344,22 @@ def _move(fs: Any, tmp: str, path: str) -> None:
         return
     fs.copy(tmp, path)  # server-side copy on S3: no bytes go through this process
     fs.rm(tmp)
+
+
+def _discard(fs: Any, raw: Any) -> None:
+    """Abandon an upload without committing it: nothing, not even a partial ``_tmp`` object, is sent.
+
+    s3fs's ``discard`` aborts a multipart upload that began; marking the file closed stops the
+    buffered remainder from being uploaded when the file object is garbage-collected.
+    """
+    try:
+        if is_local(fs):
+            raw.close()
+        else:
+            raw.discard()
+            raw.closed = True
+    except Exception:  # noqa: BLE001 - best-effort; the temporary key is removed next
+        pass
 
 
 def _remove_quietly(fs: Any, path: str) -> None:

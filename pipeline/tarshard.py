@@ -78,6 +78,9 @@ class TarShardWriter:
     def add_sample(self, key: str, members: Sequence[tuple[str, bytes]]) -> dict[str, MemberSpan]:
         """Write members ``{key}.{ext}`` adjacently, in the given order; returns spans by extension.
 
+        A member's data is bytes, or an object with ``len()`` and ``chunks()`` (an iterator of
+        bytes) for data too big to hold in memory (a streamed gigapixel pyramid).
+
         Raises:
             ValueError: a key with a dot or slash (WebDataset would split it), a repeated key,
                 an extension with a slash, or writing after ``close()``.
@@ -98,7 +101,12 @@ class TarShardWriter:
             start = self._pos
             self._write(header)
             spans[ext] = MemberSpan(name, start, self._pos, len(data))
-            self._write(data)
+            chunks = getattr(data, "chunks", None)  # a file-backed member (streamed_sample.FileMember)
+            if chunks is None:
+                self._write(data)
+            else:
+                for chunk in chunks():
+                    self._write(chunk)
             self._write(_padding(len(data)))
         return spans
 
@@ -109,6 +117,24 @@ class TarShardWriter:
             self._write(b"\0" * (-self._pos % RECORD))
             self._closed = True
         return self._pos
+
+
+def check_key(key: str, where: str = "") -> str:
+    """``key`` if it is safe to use as a file name stem anywhere downstream, else ``FormatError``.
+
+    Why: a sample key read from a shard comes from a tar member name, which an attacker controls.
+    Our writer never makes keys with ``/`` or ``.`` (``add_sample`` refuses them), so a key that is
+    absolute, climbs with ``..``, holds a separator, a NUL or a control character is a hostile or
+    foreign shard; refusing it here means nothing later (attention overlays, logs) can be steered
+    outside its folder. We never extract tars to disk, so this is the one place names matter.
+
+    Raises:
+        FormatError: naming ``where`` and the refused key.
+    """
+    if (not isinstance(key, str) or not key or key in (".", "..") or len(key) > 255
+            or any(c in key for c in "/\\.") or any(ord(c) < 32 or ord(c) == 127 for c in key)):
+        raise FormatError(f"{where}: unsafe sample key {key!r} (absolute, '..', separator or control character)")
+    return key
 
 
 def parse_member_header(block: bytes, where: str = "") -> tuple[str, int]:

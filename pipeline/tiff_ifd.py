@@ -15,7 +15,8 @@ images of slides) are skipped.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pipeline.errors import FormatError
@@ -46,8 +47,8 @@ class TiledLevel:
     samples: int
     photometric: int
     tile: int
-    offsets: tuple[int, ...]  # per tile, row-major over the tile grid
-    bytecounts: tuple[int, ...]
+    offsets: Sequence[int]  # per tile, row-major over the tile grid (a tuple, or DeferredInts)
+    bytecounts: Sequence[int]
     jpegtables: bytes  # b"" when the tiles are complete JPEG streams
 
     @property
@@ -57,6 +58,39 @@ class TiledLevel:
     @property
     def tiles_down(self) -> int:
         return -(-self.height // self.tile)
+
+
+class DeferredInts(Sequence[int]):
+    """A tile offset or byte count array read on first use (``parse_pyramid(defer_index=True)``).
+
+    A 64k x 64k level 0 has 65,536 tiles: 1 MiB of offsets and counts in a BigTIFF. A reader that
+    only ever touches the coarse levels (TNet at a fixed geometry on a huge image) need not fetch
+    it, which keeps the bytes read per sample flat in the image size.
+    """
+
+    def __init__(self, parser: _Parser, entry: _Entry, tag: int, count: int, lock: threading.Lock) -> None:
+        self._parser, self._entry, self._tag, self._count, self._lock = parser, entry, tag, count, lock
+        self._values: tuple[int, ...] | None = None
+
+    def _load(self) -> tuple[int, ...]:
+        if self._values is None:
+            with self._lock:  # the parser's read-ahead chunk is shared state
+                if self._values is None:
+                    self._values = self._parser.values({self._tag: self._entry}, self._tag, self._count)
+        return self._values
+
+    @property
+    def loaded(self) -> bool:
+        return self._values is not None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):  # type: ignore[override]  # int or slice, as tuple
+        return self._load()[index]
+
+    def __iter__(self):
+        return iter(self._load())
 
 
 @dataclass(frozen=True)
@@ -141,7 +175,8 @@ class _Parser:
         return int(vals[0])
 
 
-def _level(p: _Parser, entries: dict[int, _Entry], max_pixels: int) -> TiledLevel | None:
+def _level(p: _Parser, entries: dict[int, _Entry], max_pixels: int,
+           defer: threading.Lock | None = None) -> TiledLevel | None:
     """The tiled image an IFD describes, or None when it is not a tiled image (strips, thumbnails)."""
     if 322 not in entries:
         return None
@@ -161,17 +196,32 @@ def _level(p: _Parser, entries: dict[int, _Entry], max_pixels: int) -> TiledLeve
     if (samples, photometric) not in ((1, 1), (3, 2), (3, 6)):
         raise FormatError(f"{where}: unsupported samples/photometric {samples}/{photometric}")
     n_tiles = -(-width // tile) * -(-height // tile)
-    offsets = p.values(entries, 324, n_tiles)
-    counts = p.values(entries, 325, n_tiles)
+    if defer is not None:
+        for tag in (324, 325):
+            entry = entries.get(tag)
+            if entry is None or entry.count != n_tiles or entry.dtype not in (3, 4, 13, 16):
+                raise FormatError(f"{where}: tag {tag}: {entry.count if entry else 0} values of type "
+                                  f"{entry.dtype if entry else '-'} for {n_tiles} tiles")
+        offsets: Sequence[int] = DeferredInts(p, entries[324], 324, n_tiles, defer)
+        counts: Sequence[int] = DeferredInts(p, entries[325], 325, n_tiles, defer)
+    else:
+        offsets = p.values(entries, 324, n_tiles)
+        counts = p.values(entries, 325, n_tiles)
     if len(offsets) != n_tiles or len(counts) != n_tiles:
         raise FormatError(f"{where}: {len(offsets)} tile offsets and {len(counts)} byte counts "
                           f"for {n_tiles} tiles")
     tables = bytes(p.values(entries, 347, MAX_TABLES_BYTES))
-    return TiledLevel(width, height, samples, photometric, tile, tuple(offsets), tuple(counts), tables)
+    if defer is None:
+        offsets, counts = tuple(offsets), tuple(counts)
+    return TiledLevel(width, height, samples, photometric, tile, offsets, counts, tables)
 
 
-def parse_pyramid(read: Reader, size: int, where: str, max_pixels: int) -> list[TiledLevel]:
+def parse_pyramid(read: Reader, size: int, where: str, max_pixels: int,
+                  defer_index: bool = False) -> list[TiledLevel]:
     """Parse the pyramid levels of a JPEG-tiled TIFF of ``size`` bytes read through ``read``.
+
+    ``defer_index=True`` reads each level's tile offsets and byte counts only when a tile of that
+    level is first asked for (``DeferredInts``; their counts and types are still checked here).
 
     Returns the levels by decreasing width, level 0 first. Every count, offset and size is checked
     against the file size and the limits above before anything it points to is read.
@@ -181,6 +231,7 @@ def parse_pyramid(read: Reader, size: int, where: str, max_pixels: int) -> list[
             layout other than 8-bit JPEG tiles with 1 (grey) or 3 (RGB/YCbCr) samples.
     """
     p = _Parser(read, size, where)
+    defer = threading.Lock() if defer_index else None
     seen: set[int] = set()
     levels: list[TiledLevel] = []
 
@@ -191,19 +242,19 @@ def parse_pyramid(read: Reader, size: int, where: str, max_pixels: int) -> list[
         return p.ifd(offset)
 
     entries, nxt = visit(p.first)
-    first = _level(p, entries, max_pixels)
+    first = _level(p, entries, max_pixels, defer)
     if first is None:
         raise FormatError(f"{where}: first image is not tiled")
     levels.append(first)
     for sub in p.values(entries, 330, MAX_IFDS):
         sub_entries, _ = visit(int(sub))
-        level = _level(p, sub_entries, max_pixels)
+        level = _level(p, sub_entries, max_pixels, defer)
         if level is not None:
             levels.append(level)
     while nxt:
         entries, nxt = visit(nxt)
         if p.one(entries, 254, 0) & 1:
-            level = _level(p, entries, max_pixels)
+            level = _level(p, entries, max_pixels, defer)
             if level is not None:
                 levels.append(level)
     levels.sort(key=lambda lv: -lv.width)

@@ -66,7 +66,7 @@ def evaluate_loader(model: TNet, cfg: JobConfig, split: str, executor: Executor 
     spec = StreamSpec(url=cfg.data.url, split=split, shards=tuple(s for s, _ in shards),
                       base_size=cfg.model.base_size, channels=cfg.model.in_chans,
                       quota=min(limit or total, total), train=False,
-                      storage_options=dict(cfg.data.storage_options))
+                      storage_options=dict(cfg.data.storage_options), access=cfg.data.access)
     result = EvalResult(cfg.model.num_classes)
     confusion = np.zeros((cfg.model.num_classes, cfg.model.num_classes), dtype=np.int64)
     t0 = time.monotonic()

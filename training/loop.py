@@ -120,11 +120,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             base_size=cfg.model.base_size, channels=cfg.model.in_chans, quota=quota, rank=rank, world=world,
             epoch=epoch, seed=cfg.train.seed, train=cfg.data.augment, flip=cfg.data.flip,
             colour_jitter=cfg.data.colour_jitter, shuffle_buffer=cfg.data.shuffle_buffer,
-            storage_options=dict(cfg.data.storage_options),
+            storage_options=dict(cfg.data.storage_options), access=cfg.data.access,
         )
         model.train()
         sums: dict[str, float] = {}
-        seen = skipped = decoded = full = 0
+        seen = skipped = decoded = full = fetched = sample_bytes = 0
         keys: list[str] = []
         t0 = time.monotonic()
         for step, batch in enumerate(make_loader(spec, cfg.train.batch_size, cfg.data.loader_workers)):
@@ -147,6 +147,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             keys += batch.keys
             decoded += source.decoded_pixels()
             full += batch.full_pixels
+            fetched += batch.bytes_fetched()
+            sample_bytes += batch.sample_bytes
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value) * n
             for level, lg in enumerate(out.level_logits):
@@ -156,6 +158,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if tracker and step % cfg.train.log_every == 0:
                 tracker.log({f"step/{k}": float(v) for k, v in terms.items()} | {
                     "step/decoded_pixel_fraction": source.decoded_pixels() / max(batch.full_pixels, 1),
+                    "step/bytes_read_fraction": batch.bytes_fetched() / max(batch.sample_bytes, 1),
                     "step/images_per_s": seen * world / max(time.monotonic() - t0, 1e-9),
                 }, step_global)
         if skipped > seen * cfg.data.max_bad_fraction and skipped > 0:
@@ -167,6 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {f"train_{k}": v / max(seen, 1) for k, v in sums.items()}
         metrics |= {"epoch": epoch, "train_images_per_s": seen * world / max(elapsed, 1e-9),
                     "train_decoded_pixel_fraction": decoded / max(full, 1), "train_skipped": skipped,
+                    "train_bytes_read_fraction": fetched / max(sample_bytes, 1),
                     "lr": lr_at(cfg, epoch)}
         if device.type == "cuda":
             metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9

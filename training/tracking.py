@@ -57,8 +57,7 @@ def tracking_uri_scope(uri: str) -> Iterator[None]:
 
 def config_params(cfg: JobConfig) -> dict[str, str]:
     """The full resolved config as MLflow params, credentials redacted, values within MLflow's limit."""
-    data = to_dict(cfg)
-    data["data"]["storage_options"] = redact(data["data"]["storage_options"])
+    data = redact(to_dict(cfg))  # credential-like keys anywhere, and user:password@ in any URL
     return {k: str(v)[:6000] for k, v in flatten(data).items()}
 
 

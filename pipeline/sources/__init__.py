@@ -18,6 +18,7 @@ from pipeline.sources.fmow import FMoW
 from pipeline.sources.folder import ImageFolder
 from pipeline.sources.imagenet import ImageNet
 from pipeline.sources.megapixel_mnist import URI_PREFIX, MegapixelMNIST, MegapixelMNISTParams
+from pipeline.sources.slides import Slides
 
 
 def _megapixel_mnist(src: str | None, options: dict[str, Any]) -> MegapixelMNIST:
@@ -53,6 +54,7 @@ SOURCES: MappingProxyType[str, Callable[[str | None, dict[str, Any]], Source]] =
         "fmow": _file_source(FMoW),
         "imagenet": _file_source(ImageNet),
         "folder": _file_source(ImageFolder),
+        "slides": _file_source(Slides),
     }
 )
 
@@ -75,5 +77,6 @@ __all__ = [
     "ImageNet",
     "MegapixelMNIST",
     "MegapixelMNISTParams",
+    "Slides",
     "make_source",
 ]

@@ -12,6 +12,13 @@ sit directly in their class folder; files elsewhere (at the root, or nested deep
 count as images in any case; any other file is a reject "unreadable image" and so is an image
 file whose bytes do not decode. Classes are the sorted class-folder names over all splits, so
 indices agree between splits. ``channels`` is 3 (RGB) or 1 (grayscale).
+
+Gigapixel inputs: an image whose header declares more than ``stream_pixels`` pixels (default
+100 MP, a 10k x 10k image; 0 = never) is not decoded in memory but handed to the sharder as bands
+(``load_stream``, libvips: tiled/striped TIFF and BigTIFF, pyramidal TIFF, huge JPEG/PNG), and its
+pyramid is built streaming. ``max_pixels`` still applies: raise it for gigapixel data. Remote
+files are only considered for streaming from ``STREAM_PROBE_BYTES`` up (they are copied locally
+to be probed); smaller ones decode in memory as before.
 """
 
 from __future__ import annotations
@@ -31,7 +38,11 @@ from pipeline.sources.listing import (
     load_image_file,
     sanitize_key,
 )
+from pipeline.sources.streamed import open_streamed
+from pipeline.streamed_sample import StreamedSample
 
+STREAM_PROBE_BYTES = 32 << 20  # remote files smaller than this always decode in memory
+DEFAULT_STREAM_PIXELS = 100_000_000
 SPLIT_NAMES = ("train", "val", "validation", "valid", "test")
 LAYOUTS = ("auto", "split", "flat")
 
@@ -49,6 +60,7 @@ class ImageFolder:
         layout: str = "auto",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         storage_options: dict[str, Any] | None = None,
+        stream_pixels: int = DEFAULT_STREAM_PIXELS,
     ) -> None:
         if channels not in (1, 3) or isinstance(channels, bool):
             raise ValueError(f"folder.channels={channels!r}: must be 1 or 3")
@@ -56,6 +68,9 @@ class ImageFolder:
             raise ValueError(f"folder.layout={layout!r}: must be one of {list(LAYOUTS)}")
         if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
             raise ValueError(f"folder.max_pixels={max_pixels!r}: must be a positive integer")
+        if isinstance(stream_pixels, bool) or not isinstance(stream_pixels, int) or stream_pixels < 0:
+            raise ValueError(f"folder.stream_pixels={stream_pixels!r}: must be an integer >= 0 (0 = never stream)")
+        self.stream_pixels = stream_pixels
         self.root = root.rstrip("/")
         self.channels = channels
         self.layout = layout
@@ -145,11 +160,24 @@ class ImageFolder:
         """
         return load_image_file(record, self.channels, self.max_pixels, self.storage_options)
 
+    def load_stream(self, record: SourceRecord) -> StreamedSample | None:
+        """Bands of a gigapixel image (more than ``stream_pixels``), else None (use ``load``).
+
+        Raises:
+            SampleError: the file is missing or libvips cannot read it, or it exceeds ``max_pixels``.
+        """
+        if not self.stream_pixels or (record.size_hint < STREAM_PROBE_BYTES and "://" in record.source):
+            return None
+        return open_streamed(record, self.channels, self.max_pixels, self.stream_pixels, self.storage_options)
+
     def describe(self) -> dict[str, Any]:
-        """Options for dataset.json."""
-        return {
+        """Options for dataset.json (``stream_pixels`` only when changed: older datasets stay identical)."""
+        out = {
             "root": self.root,
             "channels": self.channels,
             "layout": self.layout,
             "max_pixels": self.max_pixels,
         }
+        if self.stream_pixels != DEFAULT_STREAM_PIXELS:
+            out["stream_pixels"] = self.stream_pixels
+        return out

@@ -38,6 +38,11 @@ def test_every_source_keeps_the_contract(tmp_path, name):
         make_imagenet(str(tmp_path), rng)
     elif name == "folder":
         make_folder(str(tmp_path), rng)
+    elif name == "slides":
+        from pipeline.gigapixel_synth import make_scene, write_tiff
+
+        write_tiff(str(tmp_path / "s.tif"), make_scene(200, 150, 1, 0), tile=128)
+        (tmp_path / "labels.csv").write_text("slide,label\ns.tif,tumour\n")
     else:
         options = {"size": 160, "n_train": 3, "n_test": 2, "n_noise": 5}
     source = make_source(name, None if name == "megapixel-mnist" else str(tmp_path), options)

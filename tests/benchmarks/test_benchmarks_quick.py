@@ -1,0 +1,97 @@
+"""Smoke tests of the benchmarks: each script's ``main`` at tiny sizes writes its JSON and PNG.
+
+Timings are not checked (they mean nothing at these sizes); the contract is: the keys the lead
+and docs/benchmarks.md read exist, keyed as documented, and the plots are written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load(name: str) -> ModuleType:
+    """Import benchmarks/NAME.py as a module (benchmarks/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def last_json_line(capsys: pytest.CaptureFixture[str]) -> dict:
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    return json.loads(lines[-1])
+
+
+def test_tnet_config_extends_fmow_by_levels() -> None:
+    lvf = load("lazy_vs_full")
+    assert [lvf.tnet_config(r).levels for r in (448, 896, 1792, 3584)] == [2, 3, 4, 5]
+    assert lvf.tnet_config(896).locations == (2, 1)
+    assert lvf.tnet_config(3584).locations == (2, 1, 1, 1)
+    assert lvf.tnet_config(3584).features_per_image == 9
+    with pytest.raises(ValueError, match="resolution=1000"):
+        lvf.tnet_config(1000)
+
+
+@pytest.mark.slow
+def test_lazy_vs_full_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lvf = load("lazy_vs_full")
+    result = lvf.main(["--resolutions", "448", "--backbone", "tiny", "--batch", "1", "--rounds", "1",
+                       "--warmup", "0", "--images", "2", "--json", "--out-dir", str(tmp_path)])
+    assert last_json_line(capsys) == json.loads(json.dumps(result, default=str))
+    for key in ("speedup_vs_full_res", "speedup_vs_eager", "speedup_vs_full_res_train", "speedup_vs_eager_train"):
+        assert set(result[key]) == {"448"} and result[key]["448"] > 0, key
+    row = result["resolutions"]["448"]
+    assert {"tnet_gflops", "full_res_gflops", "features_per_image", "load_avg_before"} <= set(row)
+    assert row["timings"]["tnet_lazy_infer"]["decoded_px_per_image_mean"] > 0
+    assert row["timings"]["tnet_eager_infer"]["decoded_px_per_image_mean"] >= 448 * 448
+    assert (tmp_path / "lazy_vs_full.json").exists() and (tmp_path / "lazy_vs_full.png").exists()
+    assert "load_avg" in result["machine"]
+
+
+def test_loader_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    loader = load("loader")
+    result = loader.main(["--resolutions", "896", "--images", "4", "--batch", "2", "--rounds", "1", "--json",
+                          "--out-dir", str(tmp_path)])
+    assert last_json_line(capsys)["fraction_of_decode_bound"] == result["fraction_of_decode_bound"]
+    assert result["fraction_of_decode_bound"] > 0 and result["speedup_vs_webdataset_full_decode"] > 0
+    row = result["resolutions"]["896"]
+    assert row["tiles_match"], "the bound must decode exactly the tiles the loader decoded"
+    assert (tmp_path / "loader.json").exists() and (tmp_path / "loader.png").exists()
+
+
+def test_tnet_like_boxes_follow_the_grid() -> None:
+    import random
+
+    loader = load("loader")
+    boxes = loader.tnet_like_boxes(896, 3, random.Random(0))
+    assert [tuple(b.shape) for b in boxes] == [(3, 2, 4), (3, 2, 4)]  # k = 2, then 1 per region
+    sides = [float((b[..., 2] - b[..., 0]).mean()) for b in boxes]
+    assert sides == pytest.approx([0.5, 0.25])  # 448 then 224 px of 896
+
+
+def test_accuracy_complexity_quick_untrained(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    acc = load("accuracy_complexity")
+    result = acc.main(["--quick", "--locations", "1", "--limit", "4", "--json", "--out-dir", str(tmp_path)])
+    assert last_json_line(capsys)["untrained"] is True
+    assert "note" in result
+    points = {p["locations"]: p for p in result["points"]}
+    assert set(points) == {"2", "1"}  # the model's own k first, then the sweep
+    assert points["1"]["gflops"] < points["2"]["gflops"]
+    assert all(0.0 <= p["accuracy"] <= 1.0 and p["images"] == 4 for p in points.values())
+    assert (tmp_path / "accuracy_complexity.quick.png").exists()
+
+
+def test_accuracy_complexity_needs_data_with_model() -> None:
+    acc = load("accuracy_complexity")
+    with pytest.raises(SystemExit):
+        acc.parse_args(["--model", "models:/x@champion"])

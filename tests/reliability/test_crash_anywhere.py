@@ -1,0 +1,103 @@
+"""Crash anywhere: SIGKILL the sharding job at random moments, re-run it, get the same bytes.
+
+Each run is a real process killed with SIGKILL (no ``finally``, no cleanup, exactly what the OOM
+killer or a lost node does). Processes fork from a forkserver that has already imported the
+pipeline, so a kill lands in the job's work, not in interpreter start-up, and 24 kills stay cheap.
+Rounds of several kills on one output folder are followed by a run to completion, whose files
+must equal an uninterrupted run's: same bytes, nothing missing, no ``_tmp/`` leftovers.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.ray_shard import run_serial, run_sharding
+from tests.reliability.conftest import files_of, tiny_config
+
+pytestmark = pytest.mark.slow
+MIN_KILLS = 24
+KILLS_PER_ROUND = 2
+SHARD_BYTES = 15_000  # one canvas per shard: 9 shards, so kills land between and inside many commits
+
+
+def shard_job(dst: str) -> None:
+    """The job a child process runs: the in-process (serial) path of jobs/shard.py, same bytes as Ray."""
+    run_sharding(tiny_config(dst, shard_bytes=SHARD_BYTES), runner=run_serial)
+
+
+def snapshot(dst: Path) -> str:
+    """Where the job was when it died, by what it had written: the kill point's phase."""
+    tars = len(list(dst.glob("*/shard-*.tar")))
+    tmp = len(list((dst / "_tmp").glob("*"))) if (dst / "_tmp").exists() else 0
+    done = (dst / "dataset.json").exists()
+    return f"tars={tars} tmp={tmp} dataset_json={done}"
+
+
+def tars(dst: Path) -> int:
+    return len(list(dst.glob("*/shard-*.tar")))
+
+
+def run_child(ctx: Any, dst: Path, kill_at: tuple[int, float] | None) -> bool:
+    """Run the job in a child; with ``kill_at=(k, s)`` SIGKILL it ``s`` seconds after the k-th tar
+    is committed. True if it was still alive when killed (a real kill point)."""
+    proc = ctx.Process(target=shard_job, args=(str(dst),))
+    proc.start()
+    if kill_at is None:
+        proc.join(120)
+        if proc.exitcode != 0:
+            raise AssertionError(f"{dst}: the completing run exited with {proc.exitcode}")
+        return False
+    committed, delay = kill_at
+    deadline = time.monotonic() + 60
+    while proc.is_alive() and tars(dst) < committed and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.join(delay)
+    alive = proc.is_alive()
+    if alive:
+        proc.kill()
+    proc.join(30)
+    return alive
+
+
+def test_killed_at_random_points_the_rerun_is_byte_identical(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["pipeline.ray_shard", "tests.reliability.conftest"])
+    run_child(ctx, tmp_path / "warm", None)  # warms the forkserver (its imports happen here)
+    started = time.monotonic()
+    run_child(ctx, tmp_path / "timed", None)  # the uninterrupted run: its bytes are the reference
+    full = time.monotonic() - started
+    reference = files_of(tmp_path / "timed")
+    shards = len([p for p in reference if p.endswith(".tar")])
+    assert files_of(tmp_path / "warm") == reference and shards >= 8
+
+    rng = random.Random(8)
+    kills: list[dict[str, Any]] = []
+    rounds = 0
+    while len(kills) < MIN_KILLS and rounds < 30:
+        dst = tmp_path / f"round{rounds}"
+        for _ in range(KILLS_PER_ROUND):
+            # after a random number of committed shards (0 = during start-up), plus a random slice
+            # of one shard's time: kill points spread over every phase of the job
+            at = (rng.randint(tars(dst), shards), rng.uniform(0.0, full / shards))
+            if at[0] == 0:
+                at = (0, rng.uniform(0.0, full))
+            if run_child(ctx, dst, at):
+                kills.append({"round": rounds, "after_tars": at[0], "delay_s": round(at[1], 3),
+                              "state": snapshot(dst)})
+        run_child(ctx, dst, None)  # the re-run that must finish the same dataset
+        assert files_of(dst) == reference, f"round {rounds}: differs after kills {kills[-KILLS_PER_ROUND:]}"
+        rounds += 1
+    phases = sorted({k["state"] for k in kills})
+    figures = {"kills": len(kills), "rounds": rounds, "run_s": round(full, 2), "distinct_states": len(phases)}
+    print(f"\nFIGURES crash-anywhere: {json.dumps(figures)}")
+    for k in kills:
+        print("  kill", k)
+    assert len(kills) >= MIN_KILLS
+    assert len(phases) >= 4  # the kills landed in different phases of the job, not all at start-up
