@@ -15,6 +15,9 @@ class TNetConfig:
     in_chans: int = 3  # 1 for single-channel datasets (Megapixel MNIST)
     input_size: int = 448  # side of the squash-resized image the grids are defined on
     base_size: int = 224  # every region is resized to this before the backbone
+    # Side at which attended regions (levels >= 1) are read; None = base_size, the paper. Smaller
+    # when a cell is mostly background around a small object: the object fills more of the input.
+    patch_size: int | None = None
     levels: int = 2  # scales processed, level 0 (the whole image) included
     grid: int = 3  # N: candidates per row/column of a region
     overlap: float = 0.5  # patch side as a fraction of its region side
@@ -38,6 +41,17 @@ class TNetConfig:
     # Multiplies log p before the Gumbel noise. L2-normalised logits keep log p within 2 nats, so
     # at 1 the noise drowns what the module has learnt; 4 let the synthetic test learn (tests/tnet).
     explore_scale: float = 1.0
+    # Cold start: the location module also predicts class logits per cell, trained by the MIL loss
+    # (LossConfig.mil_weight) from the image label alone, so its scores learn where class evidence
+    # is before the patch classifier can read anything.
+    loc_classes: bool = False
+    # The paper stops every gradient at the location module's input (True). False lets the
+    # location losses (MIL above all) shape the backbone's coarse map, so it learns features that
+    # find small objects in the base view instead of only those the global feature needs.
+    loc_detach: bool = True
+    # Separate BatchNorm running statistics per level (tnet.levelnorm). Off in the paper, where
+    # levels look alike; needed where the whole view and the patches differ (Megapixel MNIST).
+    level_norm_stats: bool = False
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
@@ -46,6 +60,8 @@ class TNetConfig:
             raise ValueError(f"in_chans={self.in_chans}: must be 1 or 3")
         if self.base_size < 16 or self.input_size < self.base_size:
             raise ValueError(f"input_size={self.input_size}, base_size={self.base_size}: need input >= base >= 16")
+        if self.patch_size is not None and self.patch_size < 16:
+            raise ValueError(f"patch_size={self.patch_size}: must be >= 16 (or null for base_size)")
         if len(self.locations) != self.levels - 1:
             raise ValueError(f"locations={list(self.locations)}: need one k per level after 0 ({self.levels - 1})")
         for k in self.locations:
@@ -66,6 +82,11 @@ class TNetConfig:
         if self.loc_temperature <= 0:
             raise ValueError(f"loc_temperature={self.loc_temperature}: must be > 0")
         level_grids(self.input_size, self.levels, self.grid, self.overlap)  # raises on bad geometry
+
+    @property
+    def region_size(self) -> int:
+        """Side at which attended regions are read (``patch_size``, else ``base_size``)."""
+        return self.base_size if self.patch_size is None else self.patch_size
 
     @property
     def features_per_image(self) -> int:

@@ -31,7 +31,8 @@ class SqueezeExcite(nn.Module):
 
 
 def sample_cells(fmap: Tensor, centres: Tensor, base_size: int) -> Tensor:
-    """Bilinear samples of ``fmap`` (R, C, h, w) at cell centres (N,) in base-image pixels.
+    """Bilinear samples of ``fmap`` (R, C, h, w) at cell centres (N,) in pixels of the region as
+    read (``base_size`` px a side).
 
     Returns (R, C, N, N). The map covers the base image, so a centre c maps to 2c/base - 1 in
     grid_sample's normalised coordinates (align_corners=False: -1 and 1 are the outer edges).
@@ -45,10 +46,21 @@ def sample_cells(fmap: Tensor, centres: Tensor, base_size: int) -> Tensor:
 
 
 class LocationModule(nn.Module):
-    """Scores of the N*N candidates of each region: (R, C, h, w) -> (R, N*N) logits."""
+    """Scores of the N*N candidates of each region: (R, C, h, w) -> (R, N*N) logits.
+
+    With ``cell_classes`` (a cold-start option, off in the paper) each cell also gets class logits,
+    which ``tnet.losses.cell_mil_loss`` pools with the scores as attention weights.
+    """
 
     def __init__(
-        self, map_channels: int, hidden: int, feature_dim: int, act: str, se: bool, concat_feature: bool
+        self,
+        map_channels: int,
+        hidden: int,
+        feature_dim: int,
+        act: str,
+        se: bool,
+        concat_feature: bool,
+        cell_classes: int = 0,
     ) -> None:
         super().__init__()
         cin = map_channels + (feature_dim if concat_feature else 0)
@@ -60,8 +72,11 @@ class LocationModule(nn.Module):
         self.coord_offset = nn.Parameter(torch.zeros(2, 1, 1))
         self.conv2 = nn.Conv2d(hidden + 2, hidden, 1)
         self.out = nn.Conv2d(hidden, 1, 1)
+        # Cold start: class logits per cell from the same hidden features, for the MIL loss.
+        self.cell_head = nn.Conv2d(hidden, cell_classes, 1) if cell_classes else None
 
-    def forward(self, cells: Tensor, features: Tensor | None = None) -> Tensor:
+    def forward(self, cells: Tensor, features: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Returns the logits (R, N*N) and, with ``cell_classes``, class logits (R, N*N, classes)."""
         r, _, n, _ = cells.shape
         x = cells
         if self.concat_feature:
@@ -74,7 +89,10 @@ class LocationModule(nn.Module):
         coords = torch.stack([yy, xx]) * self.coord_scale + self.coord_offset  # (2, N, N)
         x = torch.cat([x, coords[None].expand(r, -1, -1, -1)], dim=1)
         x = self.act(self.conv2(x))
-        return self.out(x).flatten(1)  # (R, N*N)
+        cell_logits = None
+        if self.cell_head is not None:
+            cell_logits = self.cell_head(x).flatten(2).transpose(1, 2)  # (R, N*N, classes)
+        return self.out(x).flatten(1), cell_logits  # (R, N*N)
 
 
 def normalised_log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -37,12 +37,18 @@ class LossConfig:
     # attended cell is regressed (binary cross-entropy) onto how sure that patch's own classifier
     # is of the true class, so each selection teaches the module, not only a noisy reward.
     utility_weight: float = 0.0
+    # Cold start (0 = the paper; needs TNetConfig.loc_classes). Attention MIL at the coarse level:
+    # p(y) = sum over cells of softmax(score) * softmax(cell class logits), NLL of the label. Every
+    # image teaches every cell's score, whatever the patch classifier can do yet.
+    mil_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("w_ce", "w_rf", "baseline_init", "baseline_momentum"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value}: must be in [0, 1]")
+        if self.mil_weight < 0:
+            raise ValueError(f"mil_weight={self.mil_weight}: must be >= 0")
         if self.utility_weight < 0:
             raise ValueError(f"utility_weight={self.utility_weight}: must be >= 0")
         if self.reinforce_lambda < 0:
@@ -100,6 +106,9 @@ class TNetLoss(nn.Module):
         if cfg.utility_weight > 0 and out.selections:
             terms["utility"] = utility_loss(out, target)
             terms["total"] = terms["total"] + cfg.utility_weight * terms["utility"]
+        if cfg.mil_weight > 0 and out.selections:
+            terms["mil"] = cell_mil_loss(out, target)
+            terms["total"] = terms["total"] + cfg.mil_weight * terms["mil"]
         terms["reward"] = reward.mean()
         terms["feature_reward"] = torch.cat(feature_rewards, dim=1).mean()
         terms["baseline"] = b
@@ -128,4 +137,21 @@ def utility_loss(out: TNetOutput, target: Tensor) -> Tensor:
         probs = out.feature_logits[level].detach().softmax(-1)  # (B, R_l, classes)
         utility = probs.gather(2, target[:, None, None].expand(-1, probs.shape[1], 1))[..., 0]
         losses.append(F.binary_cross_entropy_with_logits(scores, utility))
+    return torch.stack(losses).mean()
+
+
+def cell_mil_loss(out: TNetOutput, target: Tensor) -> Tensor:
+    """Attention-MIL NLL of the label from each region's cell class logits, weighted by its scores.
+
+    The weights are a softmax of the raw scores, not of the L2-normalised ones: the MIL pooling
+    must be able to become peaked, and the ranking (hence top-k) is the same either way.
+    """
+    losses = []
+    for sel in out.selections:
+        if sel.cell_logits is None:
+            raise ValueError("mil_weight > 0 needs TNetConfig.loc_classes=True (no cell class logits)")
+        weights = sel.logits.softmax(-1)[..., None]  # (B, R, NN, 1)
+        probs = (weights * sel.cell_logits.softmax(-1)).sum(dim=2)  # (B, R, classes)
+        labels = target[:, None].expand(-1, probs.shape[1])
+        losses.append(F.nll_loss(probs.clamp_min(1e-8).log().flatten(0, 1), labels.flatten()))
     return torch.stack(losses).mean()

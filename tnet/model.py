@@ -1,8 +1,8 @@
 """TNet: top-down walk through an image's scale-space, attending to a few regions per level.
 
 Level 0 reads the whole view at ``base_size``; the location module scores an N x N grid of
-candidates of each processed region; the top-k (deterministic) are read at ``base_size`` from
-higher-resolution pixels and processed by the same backbone, recursively. All feature vectors,
+candidates of each processed region; the top-k (deterministic) are read at ``region_size`` (the
+paper: ``base_size``) from higher-resolution pixels and processed by the same backbone, recursively. All feature vectors,
 each fused with a sinusoidal encoding of its global grid position and level, are averaged and
 classified. Pixels come from a ``RegionSource``, so lazy pyramids and in-memory tensors are the
 same to the model.
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tnet.backbones import create_backbone
 from tnet.config import TNetConfig
 from tnet.geometry import level_grids
+from tnet.levelnorm import LevelNormStats
 from tnet.location import LocationModule, normalised_log_probs, sample_cells
 from tnet.positional import PositionalFusion
 from tnet.regions import RegionSource, TensorRegionSource
@@ -34,6 +35,7 @@ class LevelSelection:
     log_probs: Tensor  # (B, R_l) log p of each chosen cell (REINFORCE reads this)
     probs: Tensor  # (B, R_{l-1}, N*N) the full distributions the choice was made from
     logits: Tensor  # (B, R_{l-1}, N*N) raw location scores (auxiliary losses read these)
+    cell_logits: Tensor | None = None  # (B, R_{l-1}, N*N, classes) with cfg.loc_classes
 
 
 @dataclass
@@ -43,7 +45,7 @@ class TNetOutput:
     feature_logits: list[Tensor]  # per level l: (B, R_l, classes), each feature's own head
     selections: list[LevelSelection] = field(default_factory=list)  # levels 1..L-1
     features_per_image: int = 1
-    pixels_processed: int = 0  # per image: features * base_size^2
+    pixels_processed: int = 0  # per image: base_size^2 + attended regions * region_size^2
     decoded_pixels: int = 0  # by the region source during this forward (0 for in-memory)
 
     def level_probs(self) -> list[Tensor]:
@@ -68,22 +70,29 @@ class TNet(nn.Module):
             cfg.loc_act,
             cfg.loc_se,
             cfg.loc_concat_feature,
+            cfg.num_classes if cfg.loc_classes else 0,
         )
         self.weighting = nn.Linear(dim, 1) if cfg.feature_weighting else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(dim, cfg.num_classes)
         self.feature_heads = nn.ModuleList(nn.Linear(dim, cfg.num_classes) for _ in range(cfg.levels))
+        self.level_norms = LevelNormStats(self.backbone, cfg.levels) if cfg.level_norm_stats else None
         self.grids = level_grids(cfg.input_size, cfg.levels, cfg.grid, cfg.overlap)
         for i, grid in enumerate(self.grids):
             offsets = torch.tensor([grid.cell_offset(c) for c in range(grid.cells)], dtype=torch.float32)
             self.register_buffer(f"offsets_{i}", offsets, persistent=False)  # (N*N, 2) as (dx, dy)
-            centres = torch.tensor(grid.centres(), dtype=torch.float32) * cfg.base_size / grid.side
-            self.register_buffer(f"centres_{i}", centres, persistent=False)  # (N,) base pixels
+            read = cfg.base_size if i == 0 else cfg.region_size
+            centres = torch.tensor(grid.centres(), dtype=torch.float32) * read / grid.side
+            self.register_buffer(f"centres_{i}", centres, persistent=False)  # (N,) pixels as read
 
     # -- pieces ---------------------------------------------------------------------------------
-    def encode(self, patches: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, patches: Tensor, pos: Tensor, level: int = 0) -> tuple[Tensor, Tensor]:
         """(R, C, b, b) patches and (R, 3) positions -> fused features (R, D), map (R, Cm, h, w)."""
-        raw, fmap = self.backbone(patches)
+        if self.level_norms is None:
+            raw, fmap = self.backbone(patches)
+        else:
+            with self.level_norms.use(level):
+                raw, fmap = self.backbone(patches)
         return self.position(self.project(raw), pos), fmap
 
     def aggregate(self, features: Tensor) -> Tensor:
@@ -95,15 +104,21 @@ class TNet(nn.Module):
             pooled = (weights * features).sum(dim=1)
         return self.classifier(self.dropout(pooled))
 
-    def select(self, level: int, fmap: Tensor, feats: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    def select(
+        self, level: int, fmap: Tensor, feats: Tensor, k: int
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """Score the candidates of every region at ``level`` and keep the top-k.
 
-        Returns logits (R, N*N), log-probabilities (R, N*N) and chosen cells (R, k).
+        Returns logits (R, N*N), per-cell class logits (R, N*N, classes) or None,
+        log-probabilities (R, N*N) and chosen cells (R, k).
         """
-        cells = sample_cells(fmap.detach(), getattr(self, f"centres_{level}"), self.cfg.base_size)
-        logits = self.location(cells, feats.detach())  # (R, N*N)
+        read = self.cfg.base_size if level == 0 else self.cfg.region_size
+        if self.cfg.loc_detach:
+            fmap, feats = fmap.detach(), feats.detach()
+        cells = sample_cells(fmap, getattr(self, f"centres_{level}"), read)
+        logits, cell_logits = self.location(cells, feats)  # (R, N*N)
         logp = normalised_log_probs(logits, self.cfg.loc_temperature)
-        return logits, logp, self.choose(logp, k)
+        return logits, cell_logits, logp, self.choose(logp, k)
 
     def choose(self, logp: Tensor, k: int) -> Tensor:
         """Deterministic top-k (the paper's rule), or Gumbel top-k sampling while training."""
@@ -135,7 +150,7 @@ class TNet(nn.Module):
 
         for level, (grid, k) in enumerate(zip(self.grids, locs)):
             regions = boxes.shape[1]
-            logits, logp, chosen = self.select(level, fmap, feats, k)  # (B*R, NN), (B*R, NN), (B*R, k)
+            logits, cell_logits, logp, chosen = self.select(level, fmap, feats, k)  # (B*R, NN), (B*R, NN), (B*R, k)
             offsets = getattr(self, f"offsets_{level}")[chosen]  # (B*R, k, 2)
             origin = boxes.reshape(-1, 4)[:, None, :2]  # (B*R, 1, 2)
             top_left = origin + offsets
@@ -155,10 +170,11 @@ class TNet(nn.Module):
                     log_probs=logp.gather(1, chosen).reshape(batch, regions * k),
                     probs=logp.exp().reshape(batch, regions, -1),
                     logits=logits.reshape(batch, regions, -1),
+                    cell_logits=None if cell_logits is None else cell_logits.reshape(batch, regions, *cell_logits.shape[1:]),
                 )
             )
-            patches = source.read_regions(norm_boxes.detach().cpu(), base).to(device)  # (B, R*k, C, b, b)
-            feats, fmap = self.encode(patches.flatten(0, 1), pos.flatten(0, 1))
+            patches = source.read_regions(norm_boxes.detach().cpu(), cfg.region_size).to(device)  # (B, R*k, C, p, p)
+            feats, fmap = self.encode(patches.flatten(0, 1), pos.flatten(0, 1), level + 1)
             level_feats.append(feats.view(batch, regions * k, -1))
 
         level_logits = [self.aggregate(torch.cat(level_feats[: i + 1], dim=1)) for i in range(len(level_feats))]
@@ -170,7 +186,7 @@ class TNet(nn.Module):
             feature_logits=feature_logits,
             selections=selections,
             features_per_image=n_feats,
-            pixels_processed=n_feats * base * base,
+            pixels_processed=base * base + (n_feats - 1) * cfg.region_size**2,
             decoded_pixels=source.decoded_pixels() - decoded_before,
         )
 

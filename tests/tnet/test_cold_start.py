@@ -1,0 +1,109 @@
+"""The cold-start options of TNet (all off in the paper's configs): what each one changes."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from tnet.config import TNetConfig
+from tnet.losses import LossConfig, TNetLoss, cell_mil_loss
+from tnet.model import TNet
+from tnet.regions import TensorRegionSource
+
+CFG = TNetConfig(
+    num_classes=4, backbone="tiny_s", in_chans=1, input_size=256, base_size=64, levels=3, grid=3,
+    overlap=0.5, locations=(2, 2), pos_channels=24, dropout=0.0,
+)
+
+
+def images(b=4, size=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 1, size, size, generator=g) * 2 - 1
+
+
+class SizeRecorder(TensorRegionSource):
+    def __init__(self, images):
+        super().__init__(images)
+        self.sizes = []
+
+    def read_regions(self, boxes, out_size):
+        self.sizes.append(out_size)
+        return super().read_regions(boxes, out_size)
+
+
+def test_patch_size_reads_attended_regions_smaller():
+    cfg = dataclasses.replace(CFG, patch_size=32)
+    src = SizeRecorder(images())
+    out = TNet(cfg)(src)
+    assert src.sizes == [64, 32, 32]
+    assert out.pixels_processed == 64 * 64 + 6 * 32 * 32
+    assert TNetConfig(**{**dataclasses.asdict(CFG), "locations": (2, 2)}).region_size == 64
+    with pytest.raises(ValueError, match="patch_size"):
+        dataclasses.replace(CFG, patch_size=8)
+
+
+def test_level_norm_stats_keep_one_set_of_running_statistics_per_level():
+    torch.manual_seed(0)
+    model = TNet(dataclasses.replace(CFG, level_norm_stats=True)).train()
+    first_bn = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = first_bn.running_mean.clone()
+    model(images())
+    level0 = first_bn.running_mean.clone()
+    level1 = model.level_norms.l1_0_running_mean
+    level2 = model.level_norms.l2_0_running_mean
+    assert not torch.equal(level0, before)  # level 0 updated the backbone's own statistics
+    assert not torch.equal(level1, before) and not torch.equal(level2, before)
+    assert not torch.equal(level0, level1) and not torch.equal(level1, level2)
+    # Outside a forward the backbone holds level 0's statistics; they travel in the state_dict.
+    state = model.state_dict()
+    assert "level_norms.l1_0_running_mean" in state
+    clone = TNet(dataclasses.replace(CFG, level_norm_stats=True))
+    clone.load_state_dict(state)
+    model.eval(), clone.eval()
+    x = images(seed=1)
+    assert torch.allclose(model(x).logits, clone(x).logits, atol=1e-6)
+
+
+def test_level_norm_stats_change_evaluation_only_through_statistics():
+    """Same weights, same batch: training-mode outputs are identical with and without the option."""
+    torch.manual_seed(0)
+    plain = TNet(CFG).train()
+    per_level = TNet(dataclasses.replace(CFG, level_norm_stats=True)).train()
+    per_level.load_state_dict(plain.state_dict(), strict=False)
+    x = images()
+    assert torch.allclose(plain(x).logits, per_level(x).logits, atol=1e-6)
+
+
+def test_cell_classes_and_mil_loss_train_the_location_module_only():
+    cfg = dataclasses.replace(CFG, loc_classes=True)
+    model = TNet(cfg).train()
+    out = model(images())
+    assert out.selections[0].cell_logits.shape == (4, 1, 9, 4)
+    assert out.selections[1].cell_logits.shape == (4, 2, 9, 4)
+    target = torch.tensor([0, 1, 2, 3])
+    mil = cell_mil_loss(out, target)
+    assert mil.ndim == 0 and mil.item() > 0
+    mil.backward()
+    assert model.location.cell_head.weight.grad.abs().sum() > 0
+    assert model.location.out.weight.grad.abs().sum() > 0  # the scores are the MIL attention
+    assert all(p.grad is None for p in model.backbone.parameters())  # detached input (the paper)
+
+
+def test_loc_detach_false_lets_location_losses_shape_the_backbone():
+    model = TNet(dataclasses.replace(CFG, loc_classes=True, loc_detach=False)).train()
+    cell_mil_loss(model(images()), torch.tensor([0, 1, 2, 3])).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+
+
+def test_mil_weight_enters_the_total_and_needs_cell_classes():
+    target = torch.tensor([0, 1, 2, 3])
+    model = TNet(dataclasses.replace(CFG, loc_classes=True)).train()
+    out = model(images())
+    plain = TNetLoss(LossConfig())(out, target)
+    with_mil = TNetLoss(LossConfig(mil_weight=0.5))(out, target)
+    assert torch.allclose(with_mil["total"], plain["total"] + 0.5 * with_mil["mil"])
+    out = TNet(CFG).train()(images())
+    with pytest.raises(ValueError, match="loc_classes"):
+        TNetLoss(LossConfig(mil_weight=1.0))(out, target)
+    with pytest.raises(ValueError, match="mil_weight"):
+        LossConfig(mil_weight=-1.0)
