@@ -37,7 +37,7 @@ elif str(_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.common import load_avg, machine_info, print_json_line, result_path, write_json  # noqa: E402
+from benchmarks.common import finish, load_avg, machine_info, result_path, write_json  # noqa: E402
 from tnet.config import TNetConfig  # noqa: E402
 from tnet.configtools import from_dict, load_yaml  # noqa: E402
 from tnet.model import TNet  # noqa: E402
@@ -155,11 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = write_json(result, result_path("accuracy_complexity", args.quick, "json", args.out_dir))
     points = sorted((r["gflops"], r["accuracy"], f"k={r['locations']}") for r in rows)
     result["plot"] = str(curve_png(points, path.with_suffix(".png"), "GFLOPs per image", "accuracy"))
-    write_json(result, path)
-    print(f"results: {path}")
-    if args.json:
-        print_json_line(result)
-    return result
+    return finish(result, path, args.json)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,15 @@ def print_json_line(result: dict[str, Any]) -> None:
     print(json.dumps(result, sort_keys=True, default=_plain), flush=True)
 
 
+def finish(result: dict[str, Any], path: Path, as_json: bool) -> dict[str, Any]:
+    """Write the final result, say where, and honour ``--json``; every script ends with this."""
+    write_json(result, path)
+    print(f"results: {path}")
+    if as_json:
+        print_json_line(result)
+    return result
+
+
 def bar_panels(path: Path, title: str, groups: list[str], panels: dict[str, dict[str, list[float]]],
                ylabel: str, log: bool = False) -> Path:
     """Grouped bars, one panel per entry of ``panels`` (one group per x label, one bar per series), as a PNG."""

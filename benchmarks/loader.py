@@ -55,10 +55,10 @@ from PIL import Image  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     bar_panels,
+    finish,
     interleaved,
     load_avg,
     machine_info,
-    print_json_line,
     ratio,
     result_path,
     shard_folder,
@@ -272,11 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                        for k in ("bound", "loader", "loader_no_colour_jitter", "webdataset_full")}}  # fmt: skip
     result["plot"] = str(bar_panels(path.with_suffix(".png"), "Training loader vs. decode bound vs. webdataset full decode",
                                     [f"{r} px" for r in rows], panels, "samples/s", log=True))  # fmt: skip
-    write_json(result, path)
-    print(f"results: {path}")
-    if args.json:
-        print_json_line(result)
-    return result
+    return finish(result, path, args.json)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ BENCHMARKS = [
     ("lazy_vs_full.py", ["--quick", "--json"], ["--json"]),
     ("loader.py", ["--quick", "--json"], ["--json"]),
     ("accuracy_complexity.py", ["--quick", "--json"], ["--json"]),
+    ("megapixel_mnist.py", ["--quick", "--json"], ["--json"]),  # quick ~8 min; full about 2 h + sharding
 ]
 
 

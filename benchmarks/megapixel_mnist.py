@@ -1,0 +1,453 @@
+"""Megapixel MNIST: TNet against a whole-image CNN of similar FLOPs, each trained for the same minutes.
+
+    python benchmarks/megapixel_mnist.py [--quick] [--json] [--minutes M] [--eval-at 5,10,30,60]
+        [--config configs/megapixel_mnist.yaml] [--set model.locations=[4] ...]
+        [--ablation no_explore=model.explore=none,loss.utility_weight=0 ...]
+
+Data: Megapixel MNIST generated and sharded in this process by the project's own code (serial
+runner, no Ray) into ``--data`` (default: a folder under benchmarks/.cache/ named by the
+parameters, reused while its dataset.json records the same ones). Full: 1500 px canvases, 5000 /
+1000, 50 noise stamps; ``--quick``: 640 px, 1000 / 200, 9 stamps (the same noise density), the
+demo config (configs/megapixel_mnist_demo.yaml) and a budget that keeps the run under 10 minutes
+on two cores.
+
+Models, trained one after another in this process with ``--threads`` torch threads, from the
+shards through the lazy loader (``pipeline.loader.make_loader``, no worker processes, so loading
+is inside the timed budget):
+
+- ``tnet``: TNet with the config's model and loss (``--config``, ``--set``); the loader decodes the
+  base view, TNet reads the attended regions through ``PyramidRegionSource``, trained as
+  training/loop.py does (Adam, TNetLoss, baseline update);
+- ``baseline``: ``tnet.baseline.WholeImageClassifier`` with the same backbone on the whole view,
+  which the loader decodes at the baseline's input side. That side is chosen so its forward FLOPs
+  per image (torch's counter, ``tnet.profiling.count_flops``) match TNet's (the closest multiple
+  of 16; both are reported);
+- each ``--ablation NAME=a.b=c[,d.e=f]``: TNet with those overrides on top of the config.
+
+Every model gets ``--minutes`` of training (wall clock of its loop: loading, forward, backward,
+step). At each ``--eval-at`` checkpoint the clock stops and the model is evaluated on the whole
+test split (whole views, deterministic top-k): accuracy, the decoded-pixel fraction, and for TNet
+the fraction of target digits lying whole inside an attended region of the last level. The
+learning rate drops by ``train.lr_decay`` once ``train.lr_decay_at`` of the budget has passed.
+
+Results: benchmarks/results/megapixel_mnist[.quick].json and .png (accuracy against training
+minutes); with --json the last printed line is the JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0] or ".").resolve() == _ROOT / "benchmarks":
+    sys.path[0] = str(_ROOT)  # run as a script: the project root, not benchmarks/, comes first
+elif str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.common import finish, load_avg, machine_info, result_path, write_json  # noqa: E402
+from pipeline.dataset_files import read_dataset_json  # noqa: E402
+from pipeline.errors import DatasetError  # noqa: E402
+from pipeline.loader import Batch, StreamSpec, make_loader, split_shards  # noqa: E402
+from pipeline.storage import join, open_url  # noqa: E402
+from tnet.baseline import WholeImageClassifier  # noqa: E402
+from tnet.configtools import apply_overrides, from_dict, load_yaml, to_dict  # noqa: E402
+from tnet.losses import TNetLoss  # noqa: E402
+from tnet.model import TNet  # noqa: E402
+from tnet.profiling import count_flops  # noqa: E402
+from training.config import JobConfig  # noqa: E402
+
+CACHE = _ROOT / "benchmarks" / ".cache"
+FULL = {"size": 1500, "n_train": 5000, "n_test": 1000, "n_noise": 50, "minutes": 60.0, "eval_at": "5,10,30,60",
+        "config": str(_ROOT / "configs" / "megapixel_mnist.yaml")}  # fmt: skip
+QUICK = {"size": 640, "n_train": 1000, "n_test": 200, "n_noise": 9, "minutes": 3.0, "eval_at": "1,2,3",
+         "config": str(_ROOT / "configs" / "megapixel_mnist_demo.yaml")}  # fmt: skip
+SIDE_STEP = 16  # baseline input sides are multiples of the backbones' total stride
+
+
+# -- data -------------------------------------------------------------------------------------------
+def default_tile(size: int) -> int:
+    """Pyramid tile side: 64 px up to 1024 px canvases (the demo's), else 128 (a 160 px cell touches <= 4)."""
+    return 64 if size <= 1024 else 128
+
+
+def prepare_data(dst: Path, options: dict[str, int], tile: int) -> str:
+    """Shard Megapixel MNIST into ``dst`` unless dataset.json there already records these options.
+
+    Raises:
+        DatasetError: ``dst`` holds a dataset made with other options (pick another ``--data``).
+    """
+    from pipeline.ray_shard import run_serial, run_sharding
+    from pipeline.shard_config import ShardConfig
+    from pipeline.sources.megapixel_mnist import MegapixelMNISTParams
+
+    try:
+        done = read_dataset_json(str(dst))["config"]
+        same = MegapixelMNISTParams(**done.get("source_options", {})) == MegapixelMNISTParams(**options)
+        if done.get("dataset") == "megapixel-mnist" and same and done.get("tile") == tile:
+            return str(dst)  # made by an earlier run (or by jobs/shard.py) with these parameters
+    except (DatasetError, KeyError, TypeError, ValueError):
+        pass  # not written yet, half-written (sharding resumes it) or another dataset (refused below)
+    cfg = ShardConfig(dataset="megapixel-mnist", dst=str(dst), source_options=dict(options), tile=tile,
+                      shard_bytes=8 << 20, calibrate=0, progress=False, verify="size")  # fmt: skip
+    start = time.perf_counter()
+    try:
+        summary = run_sharding(cfg, runner=run_serial)
+    except DatasetError as exc:
+        raise DatasetError(f"{exc} (here: choose another --data folder, or delete this one)") from None
+    print(f"sharded {summary.samples} canvases into {dst} in {time.perf_counter() - start:.0f} s", flush=True)
+    return str(dst)
+
+
+def target_boxes(url: str, split: str) -> dict[str, np.ndarray]:
+    """Per sample key, its target digits' boxes (T, 4) in stored-image pixels, from the json members.
+
+    The source writes digit boxes under ``meta.digits`` (``meta.boxes`` is read too), in canvas
+    pixels; ``scale`` (stored / source width) maps them onto the pyramid's level 0.
+    """
+    fs, root = open_url(url)
+    out: dict[str, np.ndarray] = {}
+    for shard, _ in split_shards(url, split):
+        with fs.open(join(root, shard), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.name.endswith(".json"):
+                    continue
+                info = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                meta = info.get("meta", {})
+                boxes = [d["box"] for d in meta.get("boxes", meta.get("digits", [])) if d.get("target")]
+                key = Path(member.name).name.split(".", 1)[0]
+                out[key] = np.asarray(boxes, np.float64).reshape(-1, 4) * float(info.get("scale", 1.0))
+    return out
+
+
+def digits_inside(attended: np.ndarray, digits: np.ndarray, tol: float = 1e-3) -> int:
+    """How many ``digits`` (T, 4 xyxy) lie whole inside at least one ``attended`` box (R, 4 xyxy)."""
+    if len(digits) == 0 or len(attended) == 0:
+        return 0
+    a, d = attended[None], digits[:, None]  # (1, R, 4), (T, 1, 4)
+    inside = (d[..., 0] >= a[..., 0] - tol) & (d[..., 1] >= a[..., 1] - tol) & \
+             (d[..., 2] <= a[..., 2] + tol) & (d[..., 3] <= a[..., 3] + tol)  # fmt: skip
+    return int(inside.any(axis=1).sum())
+
+
+# -- compute matching ------------------------------------------------------------------------------
+@torch.no_grad()
+def tnet_flops(cfg: JobConfig) -> int:
+    """TNet's forward FLOPs for one image in eval mode (deterministic top-k)."""
+    torch.manual_seed(0)
+    model = TNet(cfg.model).eval()
+    image = torch.zeros(1, cfg.model.in_chans, cfg.model.input_size, cfg.model.input_size)
+    return count_flops(model, image)
+
+
+@torch.no_grad()
+def baseline_flops(cfg: JobConfig, side: int) -> int:
+    m = cfg.model
+    model = WholeImageClassifier(m.backbone, m.num_classes, side, m.in_chans).eval()
+    return count_flops(model, torch.zeros(1, m.in_chans, side, side))
+
+
+def match_side(cfg: JobConfig, target: int, max_side: int) -> tuple[int, int]:
+    """The baseline input side (multiple of 16, <= ``max_side``) whose FLOPs are closest to ``target``.
+
+    Convolution FLOPs grow as side^2, so one probe at the base size gives the estimate; the
+    multiples of 16 around it are then counted exactly.
+    """
+    probe = max(cfg.model.base_size // SIDE_STEP, 1) * SIDE_STEP
+    guess = probe * (target / max(baseline_flops(cfg, probe), 1)) ** 0.5
+    top = max(max_side // SIDE_STEP, 1) * SIDE_STEP
+    centre = min(max(round(guess / SIDE_STEP) * SIDE_STEP, SIDE_STEP), top)
+    sides = sorted({min(max(centre + d * SIDE_STEP, SIDE_STEP), top) for d in (-1, 0, 1)})
+    counted = [(abs(np.log(baseline_flops(cfg, s) / target)), s) for s in sides]
+    side = min(counted)[1]
+    return side, baseline_flops(cfg, side)
+
+
+# -- models under a budget -------------------------------------------------------------------------
+class Arm:
+    """One model and its optimiser; subclasses add ``step(batch) -> (loss, decoded pixels)`` and
+    ``evaluate(split, limit) -> metrics``."""
+
+    def __init__(self, name: str, cfg: JobConfig, url: str, side: int, model: torch.nn.Module) -> None:
+        self.name, self.cfg, self.url, self.side, self.model = name, cfg, url, side, model
+        self.opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+
+    def spec(self, split: str, epoch: int, train: bool, quota: int) -> StreamSpec:
+        d = self.cfg.data
+        shards = tuple(s for s, _ in split_shards(self.url, split))
+        return StreamSpec(url=self.url, split=split, shards=shards, base_size=self.side,
+                          channels=self.cfg.model.in_chans, quota=quota, epoch=epoch, seed=self.cfg.train.seed,
+                          train=train and d.augment, flip=d.flip, colour_jitter=d.colour_jitter,
+                          shuffle_buffer=d.shuffle_buffer)  # fmt: skip
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def _eval_batches(self, split: str, limit: int | None) -> Any:
+        total = sum(n for _, n in split_shards(self.url, split))
+        self.model.eval()
+        return make_loader(self.spec(split, 0, False, min(limit or total, total)), self.cfg.train.batch_size, 0)
+
+
+class TNetArm(Arm):
+    def __init__(self, name: str, cfg: JobConfig, url: str, executor: ThreadPoolExecutor,
+                 targets: dict[str, np.ndarray]) -> None:  # fmt: skip
+        torch.manual_seed(cfg.train.seed)
+        super().__init__(name, cfg, url, cfg.model.base_size, TNet(cfg.model))
+        self.loss, self.executor, self.targets = TNetLoss(cfg.loss), executor, targets
+
+    def step(self, batch: Batch) -> tuple[float, int]:
+        self.model.train()
+        source = batch.region_source(self.cfg.model.in_chans, self.executor, self.cfg.model.antialias)
+        terms = self.loss(self.model(source), batch.labels)
+        self.opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        self.opt.step()
+        self.loss.update_baseline(terms)
+        return float(terms["total"].detach()), source.decoded_pixels()
+
+    @torch.no_grad()
+    def evaluate(self, split: str, limit: int | None) -> dict[str, float]:
+        seen = decoded = full = hit = targets = 0
+        correct: list[int] = []
+        for batch in self._eval_batches(split, limit):
+            if len(batch) == 0:
+                continue
+            source = batch.region_source(self.cfg.model.in_chans, self.executor, self.cfg.model.antialias)
+            out = self.model(source)
+            correct = correct or [0] * len(out.level_logits)
+            for level, lg in enumerate(out.level_logits):
+                correct[level] += int((lg.argmax(-1) == batch.labels).sum())
+            attended = out.selections[-1].source_boxes.double().numpy() if out.selections else None
+            for i, key in enumerate(batch.keys):
+                digits = self.targets.get(key, np.zeros((0, 4)))
+                targets += len(digits)
+                hit += digits_inside(attended[i], digits) if attended is not None else 0
+            seen, decoded, full = seen + len(batch), decoded + source.decoded_pixels(), full + batch.full_pixels
+        row = {"accuracy": correct[-1] / max(seen, 1) if correct else 0.0, "images": seen,
+               "decoded_pixel_fraction": decoded / max(full, 1), "target_digit_hit_rate": hit / max(targets, 1)}  # fmt: skip
+        row |= {f"acc_level{i}": c / max(seen, 1) for i, c in enumerate(correct)}
+        return row
+
+
+class BaselineArm(Arm):
+    def __init__(self, name: str, cfg: JobConfig, url: str, side: int) -> None:
+        m = cfg.model
+        torch.manual_seed(cfg.train.seed)
+        model = WholeImageClassifier(m.backbone, m.num_classes, side, m.in_chans, dropout=m.dropout)
+        super().__init__(name, cfg, url, side, model)
+
+    def step(self, batch: Batch) -> tuple[float, int]:
+        self.model.train()
+        loss = F.cross_entropy(self.model(batch.base_views), batch.labels)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach()), batch.base_decoded
+
+    @torch.no_grad()
+    def evaluate(self, split: str, limit: int | None) -> dict[str, float]:
+        seen = correct = decoded = full = 0
+        for batch in self._eval_batches(split, limit):
+            if len(batch):
+                correct += int((self.model(batch.base_views).argmax(-1) == batch.labels).sum())
+                seen, decoded, full = seen + len(batch), decoded + batch.base_decoded, full + batch.full_pixels
+        return {"accuracy": correct / max(seen, 1), "images": seen, "decoded_pixel_fraction": decoded / max(full, 1)}
+
+
+def train_for(arm: TNetArm | BaselineArm, budget_s: float, checkpoints_s: list[float], limit: int | None) -> list[dict[str, Any]]:
+    """Train ``arm`` for ``budget_s`` seconds of its own loop; evaluate (clock stopped) at each checkpoint."""
+    cfg = arm.cfg
+    n_train = sum(n for _, n in split_shards(arm.url, cfg.data.train_split))
+    quota = cfg.data.samples_per_epoch or n_train
+    pending = sorted({c for c in checkpoints_s if c < budget_s} | {budget_s})
+    curve: list[dict[str, Any]] = []
+    clock = 0.0
+    steps = images = decoded = full = epoch = 0
+    losses: list[float] = []
+    while pending:
+        loader = iter(make_loader(arm.spec(cfg.data.train_split, epoch, True, quota), cfg.train.batch_size, 0))
+        epoch += 1
+        seen_before = images
+        while pending:
+            if pending[0] <= clock:  # checkpoint reached: evaluate with the clock stopped
+                crossed = [c for c in pending if c <= clock]
+                pending = pending[len(crossed):]
+                t0 = time.perf_counter()
+                row = arm.evaluate(cfg.data.val_split, limit)
+                row |= {"checkpoint_minutes": crossed[-1] / 60, "minutes": clock / 60, "steps": steps,
+                        "train_images": images, "epochs": images / max(n_train, 1),
+                        "train_images_per_s": images / max(clock, 1e-9),
+                        "train_decoded_pixel_fraction": decoded / max(full, 1),
+                        "train_loss": float(np.mean(losses)) if losses else None,
+                        "eval_seconds": time.perf_counter() - t0}  # fmt: skip
+                curve.append(row)
+                losses = []
+                print(f"{arm.name}: {clock / 60:.2f} min, {steps} steps ({row['epochs']:.2f} epochs): test accuracy "
+                      f"{row['accuracy']:.4f}, decoded {row['decoded_pixel_fraction']:.1%}"
+                      + (f", target digits attended {row['target_digit_hit_rate']:.1%}" if "target_digit_hit_rate" in row else ""),
+                      flush=True)  # fmt: skip
+                continue
+            t0 = time.perf_counter()
+            batch = next(loader, None)
+            if batch is None:
+                clock += time.perf_counter() - t0
+                break
+            if len(batch):
+                decay = clock >= cfg.train.lr_decay_at * budget_s
+                arm.set_lr(cfg.train.lr * (cfg.train.lr_decay if decay else 1.0))
+                loss, px = arm.step(batch)
+                steps, images, decoded, full = steps + 1, images + len(batch), decoded + px, full + batch.full_pixels
+                losses.append(loss)
+            clock += time.perf_counter() - t0
+        if images == seen_before and pending:
+            raise RuntimeError(f"{arm.url}: an epoch of split {cfg.data.train_split!r} gave no trainable sample")
+    return curve
+
+
+# -- command line ----------------------------------------------------------------------------------
+def parse_ablation(text: str) -> tuple[str, list[str]]:
+    """``"name=a.b=1,c.d=[2,3]"`` -> ("name", ["a.b=1", "c.d=[2,3]"]); commas inside values are kept.
+
+    Raises:
+        ValueError: no name, or no ``key=value`` after it.
+    """
+    name, _, rest = text.partition("=")
+    overrides = [o for o in re.split(r",(?=\s*[A-Za-z_][\w.]*\s*=)", rest) if o.strip()]
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or not overrides or any("=" not in o for o in overrides):
+        raise ValueError(f"--ablation {text!r}: expected NAME=key=value[,key=value] (NAME of [A-Za-z0-9_-])")
+    return name, overrides
+
+
+def job_config(path: str, overrides: list[str], url: str) -> JobConfig:
+    """The config file with ``overrides`` applied, reading ``url``; validated by the dataclasses."""
+    data = apply_overrides(load_yaml(path), overrides)
+    data.setdefault("data", {})["url"] = url
+    return from_dict(JobConfig, data)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="640 px, 1000/200 canvases, demo config, 3 min each")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    parser.add_argument("--config", help="TNet job config (default configs/megapixel_mnist.yaml, quick: configs/megapixel_mnist_demo.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, as jobs/train.py (repeatable)")  # fmt: skip
+    parser.add_argument("--ablation", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                        help="an extra TNet variant trained for the same budget (repeatable)")  # fmt: skip
+    parser.add_argument("--minutes", type=float, help="training budget per model (default 60, quick 3)")
+    parser.add_argument("--eval-at", help="comma-separated training minutes to evaluate at (the budget is added)")
+    parser.add_argument("--eval-limit", type=int, help="evaluate on at most this many test images")
+    parser.add_argument("--data", type=Path, help="dataset folder (default: benchmarks/.cache/<parameters>)")
+    for name in ("size", "n-train", "n-test", "n-noise", "tile"):
+        parser.add_argument(f"--{name}", type=int)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--baseline-size", type=int, help="baseline input side (default: FLOPs-matched)")
+    parser.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    mode = QUICK if args.quick else FULL
+    for key in ("size", "n_train", "n_test", "n_noise", "minutes", "eval_at", "config"):
+        if getattr(args, key) is None:
+            setattr(args, key, mode[key])
+    args.tile = args.tile or default_tile(args.size)
+    try:
+        args.eval_at = sorted({float(m) for m in str(args.eval_at).split(",") if m.strip()})
+        args.ablation = dict(parse_ablation(a) for a in args.ablation)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.minutes <= 0 or args.threads < 1 or any(m < 0 for m in args.eval_at):
+        parser.error("--minutes must be > 0, --threads >= 1 and --eval-at minutes >= 0")
+    return args
+
+
+def plot(path: Path, curves: dict[str, list[dict[str, Any]]], title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for name, curve in curves.items():
+        ax.plot([p["minutes"] for p in curve], [p["accuracy"] for p in curve], marker="o", label=name)
+    ax.set_xlabel("training minutes (evaluation not counted)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    start, load_before = time.perf_counter(), load_avg()
+    torch.set_num_threads(args.threads)
+    options = {"size": args.size, "n_train": args.n_train, "n_test": args.n_test, "n_noise": args.n_noise}
+    dst = args.data or CACHE / ("megapixel-mnist-{size}px-{n_train}-{n_test}-noise{n_noise}".format(**options)
+                                + f"-tile{args.tile}")  # fmt: skip
+    url = str(dst.resolve())
+    cfg = job_config(args.config, args.overrides, url)  # a bad config fails before any sharding
+    variants = {"tnet": cfg} | {n: job_config(args.config, [*args.overrides, *o], url) for n, o in args.ablation.items()}
+    prepare_data(dst.resolve(), options, args.tile)
+    if cfg.model.input_size != args.size:
+        print(f"note: model.input_size={cfg.model.input_size} differs from the {args.size} px canvases", flush=True)
+    flops = {name: tnet_flops(c) for name, c in variants.items()}
+    if args.baseline_size:
+        side, base_flops = args.baseline_size, baseline_flops(cfg, args.baseline_size)
+    else:
+        side, base_flops = match_side(cfg, flops["tnet"], args.size)
+    print(f"TNet {flops['tnet'] / 1e9:.4f} GFLOPs/image; baseline at {side} px {base_flops / 1e9:.4f} GFLOPs/image",
+          flush=True)  # fmt: skip
+    targets = target_boxes(url, cfg.data.val_split)
+    budget, checkpoints = args.minutes * 60, [m * 60 for m in args.eval_at]
+    curves: dict[str, list[dict[str, Any]]] = {}
+    with ThreadPoolExecutor(cfg.data.decode_threads) as pool:
+        for name, c in variants.items():
+            arms = [TNetArm(name, c, url, pool, targets)] + ([BaselineArm("baseline", c, url, side)] if name == "tnet" else [])
+            for arm in arms:
+                curves[arm.name] = train_for(arm, budget, checkpoints, args.eval_limit)
+    final = {name: curve[-1] for name, curve in curves.items()}
+    result: dict[str, Any] = {
+        "benchmark": "megapixel_mnist", "mode": "quick" if args.quick else "full",
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "out_dir")},
+        "machine": machine_info(), "dataset": {"url": url, "tile": args.tile, **options},
+        "options": {"model": to_dict(cfg.model), "loss": to_dict(cfg.loss)},
+        "train": {k: to_dict(cfg)[k] for k in ("train", "data")}, "minutes": args.minutes,
+        "flops": {"tnet_gflops": flops["tnet"] / 1e9, "baseline_gflops": base_flops / 1e9,
+                  "baseline_input_size": side, "baseline_over_tnet": base_flops / max(flops["tnet"], 1)},
+        "test_accuracy": final["tnet"]["accuracy"], "baseline_test_accuracy": final["baseline"]["accuracy"],
+        "decoded_pixel_fraction": final["tnet"]["decoded_pixel_fraction"],
+        "baseline_decoded_pixel_fraction": final["baseline"]["decoded_pixel_fraction"],
+        "target_digit_hit_rate": final["tnet"]["target_digit_hit_rate"], "curves": curves,
+        "ablation": {name: {"overrides": args.ablation[name], "gflops": flops[name] / 1e9,
+                            "options": {"model": to_dict(variants[name].model), "loss": to_dict(variants[name].loss)},
+                            **{k: final[name][k] for k in ("accuracy", "decoded_pixel_fraction", "target_digit_hit_rate")},
+                            "curve": curves[name]} for name in args.ablation},
+        "load_avg_before": load_before, "load_avg_after": load_avg(),
+    }  # fmt: skip
+    result["versions"] = {k: result["machine"][k] for k in ("python", "torch", "torchvision", "pillow", "numpy")}
+    path = write_json(result, result_path("megapixel_mnist", args.quick, "json", args.out_dir))
+    title = (f"Megapixel MNIST {args.size} px, {args.minutes:g} min each: TNet {flops['tnet'] / 1e9:.3f} GFLOPs, "
+             f"whole-image {side} px {base_flops / 1e9:.3f} GFLOPs")  # fmt: skip
+    result["plot"] = str(plot(path.with_suffix(".png"), curves, title))
+    result["wall_s"] = time.perf_counter() - start
+    return finish(result, path, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""benchmarks/megapixel_mnist.py: its pure helpers, and one tiny end-to-end run of ``main``.
+
+The tiny run trains TNet, the whole-image baseline and one ablation for about a second each on
+256 px canvases (16 train, 8 test): accuracies mean nothing at that size; the contract checked is
+the JSON the lead reads (keys, curves, FLOPs matched within 20%), the PNG, and that a second run
+reuses the sharded data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load() -> ModuleType:
+    """Import benchmarks/megapixel_mnist.py as a module (benchmarks/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_megapixel_mnist", ROOT / "benchmarks" / "megapixel_mnist.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_digits_inside_counts_whole_digits_only() -> None:
+    mm = load()
+    attended = np.array([[0.0, 0.0, 100.0, 100.0], [90.0, 90.0, 200.0, 200.0]])
+    digits = np.array([
+        [10.0, 10.0, 38.0, 38.0],  # inside the first
+        [80.0, 80.0, 108.0, 108.0],  # straddles both, whole in neither
+        [150.0, 150.0, 178.0, 178.0],  # inside the second
+        [0.0, 0.0, 28.0, 28.0],  # touching the edge counts as inside
+    ])  # fmt: skip
+    assert mm.digits_inside(attended, digits) == 3
+    assert mm.digits_inside(attended[:0], digits) == 0
+    assert mm.digits_inside(attended, digits[:0]) == 0
+
+
+def test_parse_ablation_keeps_commas_inside_values() -> None:
+    mm = load()
+    assert mm.parse_ablation("k1=model.locations=[1]") == ("k1", ["model.locations=[1]"])
+    assert mm.parse_ablation("a-b=model.locations=[2,1],loss.w_ce=0.3") == (
+        "a-b", ["model.locations=[2,1]", "loss.w_ce=0.3"])
+    for bad in ("noequals", "name=", "=model.grid=3", "bad name=model.grid=3"):
+        with pytest.raises(ValueError, match="--ablation"):
+            mm.parse_ablation(bad)
+
+
+def test_modes_pick_their_data_config_and_budget() -> None:
+    mm = load()
+    quick, full = mm.parse_args(["--quick"]), mm.parse_args([])
+    assert (quick.size, quick.n_train, quick.n_test, quick.n_noise, quick.tile) == (640, 1000, 200, 9, 64)
+    assert quick.config.endswith("megapixel_mnist_demo.yaml") and quick.eval_at[-1] <= quick.minutes
+    assert (full.size, full.n_train, full.n_test, full.n_noise, full.minutes) == (1500, 5000, 1000, 50, 60.0)
+    assert full.eval_at == [5.0, 10.0, 30.0, 60.0] and full.config.endswith("megapixel_mnist.yaml")
+    with pytest.raises(SystemExit):
+        mm.parse_args(["--ablation", "broken"])
+
+
+TINY = ["--size", "256", "--n-train", "16", "--n-test", "8", "--n-noise", "3", "--minutes", "0.02",
+        "--eval-at", "0", "--threads", "1",
+        "--set", "model.input_size=256", "--set", "model.base_size=64", "--set", "model.grid=4",
+        "--set", "model.overlap=0.3", "--set", "model.locations=[2]", "--set", "train.batch_size=4",
+        "--set", "data.shuffle_buffer=4"]  # fmt: skip
+
+
+def test_tiny_run_writes_the_documented_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mm = load()
+    data = tmp_path / "data"
+    result = mm.main([*TINY, "--data", str(data), "--out-dir", str(tmp_path), "--ablation", "k1=model.locations=[1]",
+                      "--json"])  # fmt: skip
+    line = json.loads([x for x in capsys.readouterr().out.splitlines() if x.strip()][-1])
+    for key in ("test_accuracy", "baseline_test_accuracy", "decoded_pixel_fraction", "minutes", "options",
+                "target_digit_hit_rate", "curves", "flops", "machine", "versions", "settings", "ablation"):
+        assert key in line, key
+    assert line["test_accuracy"] == result["test_accuracy"] and line["minutes"] == 0.02
+    assert set(line["options"]) == {"model", "loss"} and line["options"]["model"]["base_size"] == 64
+    assert set(line["curves"]) == {"tnet", "baseline", "k1"}
+    for name, curve in line["curves"].items():
+        assert [p["checkpoint_minutes"] for p in curve] == [0.0, 0.02], name  # untrained, then at the budget
+        assert [p["steps"] > 0 for p in curve] == [False, True], name
+        assert all(0.0 <= p["accuracy"] <= 1.0 and p["images"] == 8 for p in curve), name
+    assert 0.0 <= line["target_digit_hit_rate"] <= 1.0 and line["decoded_pixel_fraction"] > 0.0
+    flops = line["flops"]
+    assert 1 / 1.2 <= flops["baseline_gflops"] / flops["tnet_gflops"] <= 1.2, flops
+    assert flops["baseline_input_size"] % 16 == 0
+    ablation = line["ablation"]["k1"]
+    assert ablation["overrides"] == ["model.locations=[1]"] and ablation["options"]["model"]["locations"] == [1]
+    assert ablation["gflops"] < flops["tnet_gflops"]
+    assert (tmp_path / "megapixel_mnist.json").exists() and (tmp_path / "megapixel_mnist.png").exists()
+
+    stamp = (data / "dataset.json").stat().st_mtime_ns
+    options = {"size": 256, "n_train": 16, "n_test": 8, "n_noise": 3}
+    assert mm.prepare_data(data, options, 64) == str(data)
+    assert (data / "dataset.json").stat().st_mtime_ns == stamp, "same parameters: the data is reused"
+    from pipeline.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="another --data"):
+        mm.prepare_data(data, {**options, "n_noise": 4}, 64)
