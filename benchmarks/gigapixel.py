@@ -4,7 +4,7 @@
 
 Input: one synthetic scene per side (``pipeline.gigapixel_synth``: texture plus a few objects,
 written as a JPEG-tiled BigTIFF, streaming; generation time is reported apart). Each measurement
-runs in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own:
+runs in a fresh subprocess so its peak RSS (``VmHWM``; ``ru_maxrss`` would include the pre-exec fork) is its own:
 
 - shard: ``run_sharding`` (serial, no Ray) of a folder holding that one image; peak RSS, source
   MP/s, pyramid bytes.
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 SHARD = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
     from pipeline.ray_shard import run_serial, run_sharding
     from pipeline.shard_config import ShardConfig
     src, dst = sys.argv[1], sys.argv[2]
@@ -48,11 +48,11 @@ SHARD = textwrap.dedent("""
     dt = time.perf_counter() - t
     print(json.dumps({"samples": s.samples, "seconds": dt, "mp_per_s": s.source_megapixels / dt,
                       "dataset_bytes": s.dataset_bytes,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1]) / 1024}))
 """)
 
 TRAIN = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
     import torch
     from pipeline.loader import StreamSpec, make_loader
     from tnet.config import TNetConfig
@@ -76,7 +76,7 @@ TRAIN = textwrap.dedent("""
         out.append({"seconds": now - t, "bytes": batch.bytes_fetched(), "sample_bytes": batch.sample_bytes,
                     "decoded_pixels": source.decoded_pixels(), "full_pixels": batch.full_pixels})
         t = now
-    print(json.dumps({"steps": out, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"steps": out, "peak_rss_mb": int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1]) / 1024}))
 """)
 
 

@@ -65,7 +65,7 @@ class ShardConfig:
     dst: str = ""  # output prefix (local path, file:// or s3://)
     splits: tuple[str, ...] = ()  # empty: every split the source has
     source_options: dict[str, Any] = field(default_factory=dict)  # passed to the source (n_train=20)
-    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for dst (secret!)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # fsspec options for dst (secret!)
     tile: int = 256  # pyramid tile side; 128-512, a multiple of 16 (JPEG MCU, TIFF tiles)
     quality: int = 90  # JPEG quality of every tile
     max_side: int = 0  # downscale (antialiased) so the longer side is at most this; 0 keeps size

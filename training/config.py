@@ -20,7 +20,7 @@ class DataConfig:
     url: str = "data/megapixel-mnist"  # dataset prefix written by jobs/shard.py (path, file:// or s3://)
     train_split: str = "train"
     val_split: str = "test"
-    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (never logged)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # fsspec options (never logged)
     access: str = "stream"  # "stream": whole samples in order; "random": ranged tile reads
     shuffle_buffer: int = 128  # samples held for shuffling within a worker's stream
     loader_workers: int = 1  # DataLoader processes per training worker

@@ -3,6 +3,7 @@ dataset.json or exception messages, including the errors of a store that is down
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import traceback
 import uuid
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from pipeline.ray_shard import run_serial, run_sharding
+from pipeline.shard_config import ShardConfig
 from pipeline.storage import StorageError, redact, storage_errors
 from tests.reliability.conftest import proxied_options, tiny_config
 from tests.reliability.fault_proxy import FaultProxy
@@ -77,3 +79,12 @@ def test_mlflow_params_hold_no_credential() -> None:
     params = config_params(JobConfig(data=DataConfig(url=f"s3://u:{word}@bucket/ds", storage_options=options)))
     assert params and not [k for k, v in params.items() if word in v]
     assert redact({"retries": {"attempts": 3}}) == {"retries": {"attempts": 3}}  # settings stay readable
+
+
+
+def test_config_reprs_hold_no_credential() -> None:
+    """A config printed in a log line or a traceback must not show the storage options."""
+    secret = "wJalrXUtnFEMI-REPR-SECRET"
+    assert secret not in repr(DataConfig(url="s3://bucket/data", storage_options={"secret": secret}))
+    shard_field = next(f for f in dataclasses.fields(ShardConfig) if f.name == "storage_options")
+    assert shard_field.repr is False
