@@ -41,7 +41,13 @@ def snapshot(dst: Path) -> str:
 
 
 def tars(dst: Path) -> int:
-    return len(list(dst.glob("*/shard-*.tar")))
+    """Committed shards so far. The job removes ``_tmp/`` while we look: a folder vanishing
+    under the glob means "look again", not an error."""
+    while True:
+        try:
+            return len(list(dst.glob("*/shard-*.tar")))
+        except FileNotFoundError:
+            continue
 
 
 def run_child(ctx: Any, dst: Path, kill_at: tuple[int, float] | None) -> bool:
