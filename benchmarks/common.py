@@ -185,6 +185,10 @@ def result_path(name: str, quick: bool, suffix: str, out_dir: Path | None = None
 
 
 def write_json(result: dict[str, Any], path: Path) -> Path:
+    """Write ``result``; a plot beside the JSON is recorded by file name, never a machine's path."""
+    plot = result.get("plot")
+    if plot and Path(plot).parent.resolve() == path.parent.resolve():
+        result["plot"] = Path(plot).name
     path.write_text(json.dumps(result, indent=2, sort_keys=True, default=_plain) + "\n")
     return path
 
