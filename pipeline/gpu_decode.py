@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import FormatError
-from pipeline.lazy import GREY, View, apply_jitter, views_to_source
+from pipeline.lazy import GREY, View, apply_jitter, is_base_request, views_to_source
 from pipeline.pyramid import PyramidReader
 from pipeline.resample import (
     Box,
@@ -174,11 +174,7 @@ class GpuPyramidRegionSource:
         return self.base_decoded + self._decoded
 
     def read_regions(self, boxes: Tensor, out_size: int) -> Tensor:
-        if boxes.dim() != 3 or boxes.shape[0] != len(self) or boxes.shape[-1] != 4:
-            raise ValueError(f"boxes.shape={tuple(boxes.shape)}: expected ({len(self)}, K, 4)")
-        whole = torch.tensor([0.0, 0.0, 1.0, 1.0])
-        if (self.base_views is not None and boxes.shape[1] == 1 and out_size == self.base_views.shape[-1]
-                and torch.allclose(boxes.detach().cpu().float(), whole.expand_as(boxes))):
+        if is_base_request(boxes, out_size, len(self), self.base_views):
             return self.base_views[:, None].to(self.device)
         src = self.source_boxes(boxes).numpy()
         plans = [[plan_region(r.levels, r.tile, tuple(b), out_size) for b in src[i]]

@@ -127,6 +127,18 @@ def views_to_source(views: list[View], boxes: Tensor) -> Tensor:
     out = np.stack([v.to_source(arr[i]) for i, v in enumerate(views)])
     return torch.from_numpy(out).to(boxes.dtype)
 
+
+def is_base_request(boxes: Tensor, out_size: int, batch: int, base_views: Tensor | None) -> bool:
+    """Whether TNet asks for the whole view at the base size, which the loader already decoded.
+
+    Raises ValueError on boxes that are not (batch, K, 4).
+    """
+    if boxes.dim() != 3 or boxes.shape[0] != batch or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes.shape={tuple(boxes.shape)}: expected ({batch}, K, 4)")
+    whole = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    return (base_views is not None and boxes.shape[1] == 1 and out_size == base_views.shape[-1]
+            and torch.allclose(boxes.detach().cpu().float(), whole.expand_as(boxes)))
+
 class PyramidRegionSource:
     """A batch of pyramids as a ``tnet.regions.RegionSource``.
 
@@ -152,11 +164,7 @@ class PyramidRegionSource:
         return views_to_source(self.views, boxes)
 
     def read_regions(self, boxes: Tensor, out_size: int) -> Tensor:
-        if boxes.dim() != 3 or boxes.shape[0] != len(self) or boxes.shape[-1] != 4:
-            raise ValueError(f"boxes.shape={tuple(boxes.shape)}: expected ({len(self)}, K, 4)")
-        whole = torch.tensor([0.0, 0.0, 1.0, 1.0])
-        if (self.base_views is not None and boxes.shape[1] == 1 and out_size == self.base_views.shape[-1]
-                and torch.allclose(boxes.detach().cpu().float(), whole.expand_as(boxes))):
+        if is_base_request(boxes, out_size, len(self), self.base_views):
             return self.base_views[:, None]
         src = self.source_boxes(boxes).numpy()
 
