@@ -127,11 +127,16 @@ def train(cfg: JobConfig, out_dir: Path) -> TrainOutcome:
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     client = MlflowClient(tracking_uri)
     run_id = find_or_create_run(client, cfg.tracking.experiment, cfg.train.run_name)
+    client.update_run(run_id, status="RUNNING")  # a resumed run that had failed runs again
     logged = client.get_run(run_id).data.params
     fresh = [Param(k, v) for k, v in config_params(cfg).items() if k not in logged]
     for i in range(0, len(fresh), 100):  # MLflow's batch limit
         client.log_batch(run_id, params=fresh[i : i + 100])
-    result = fit(cfg, tracking_uri, run_id)
+    try:  # Ray Train raises from fit() when the workers fail for good; either way MLflow must say so
+        result = fit(cfg, tracking_uri, run_id)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
     if result.error:
         client.set_terminated(run_id, status="FAILED")
         raise RuntimeError(f"training run {cfg.train.run_name} failed: {result.error}")

@@ -4,6 +4,12 @@ Kept importable and free of driver concerns so a test can run it with one or two
 Rank 0 alone talks to MLflow (through the run id the driver created, so retries and resumes keep
 one run). Every rank reports the same number of times (Ray Train requires it); rank 0 attaches the
 checkpoint. A checkpoint holds only tensors and plain numbers (loaded with ``weights_only=True``).
+
+Corrupt data never stops a run below ``data.max_bad_fraction``: a sample the loader cannot decode
+is skipped; a tile found corrupt only when the model reads it (the loader decodes just the base
+view) is read as mid-grey (``TolerantRegionSource``). Both are counted over all ranks
+(``train_skipped``, ``train_damaged``) and listed with their reasons in the MLflow artifact
+``data_errors/epoch-NNN.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pipeline.loader import StreamSpec, make_loader, split_shards
 from tnet.losses import TNetLoss
 from tnet.model import TNet
 from training.config import JobConfig, job_config_from_dict
+from training.data_errors import TolerantRegionSource, error_entries, gather_json
 from training.evaluation import evaluate_loader
 from training.tracking import RankZeroTracker
 
@@ -126,14 +133,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sums: dict[str, float] = {}
         seen = skipped = decoded = full = fetched = sample_bytes = 0
         keys: list[str] = []
+        bad: list[str] = []  # the loader's errors: "<key>: <reason>"
+        damaged: dict[str, str] = {}
         t0 = time.monotonic()
         for step, batch in enumerate(make_loader(spec, cfg.train.batch_size, cfg.data.loader_workers)):
             skipped += batch.skipped
+            bad += batch.errors
             for err in batch.errors:
                 log.warning("skipped: %s", err)
             if len(batch) == 0:
                 continue
-            source = batch.region_source(cfg.model.in_chans, executor, cfg.model.antialias)
+            source = TolerantRegionSource(batch.region_source(cfg.model.in_chans, executor, cfg.model.antialias),
+                                          batch.keys)
             labels = batch.labels.to(device)
             with torch.autocast(device.type, enabled=use_amp):
                 out = model(source)
@@ -142,6 +153,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             terms["total"].backward()
             opt.step()
             loss_fn.update_baseline(terms)
+            for key, reason in source.damaged.items():
+                log.warning("damaged (read as grey): %s", reason)
+                damaged.setdefault(key, reason)
             n = len(batch)
             seen += n
             keys += batch.keys
@@ -165,11 +179,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             raise RuntimeError(f"{cfg.data.url}: {skipped} undecodable samples this epoch, "
                                f"over data.max_bad_fraction={cfg.data.max_bad_fraction}")
         elapsed = time.monotonic() - t0
+        ranks = gather_json({"skipped": error_entries(bad), "damaged": error_entries(list(damaged.values()))},
+                            world, device)
+        data_errors = {name: [e for r in ranks for e in r[name]] for name in ("skipped", "damaged")}
         debug_record(cfg.train.debug_dir, f"epoch{epoch}-rank{rank}-pid{os.getpid()}.json",
                      {"rank": rank, "epoch": epoch, "pid": os.getpid(), "keys": keys})
         metrics = {f"train_{k}": v / max(seen, 1) for k, v in sums.items()}
         metrics |= {"epoch": epoch, "train_images_per_s": seen * world / max(elapsed, 1e-9),
-                    "train_decoded_pixel_fraction": decoded / max(full, 1), "train_skipped": skipped,
+                    "train_decoded_pixel_fraction": decoded / max(full, 1), "train_skipped": len(data_errors["skipped"]),
+                    "train_damaged": len(data_errors["damaged"]),
                     "train_bytes_read_fraction": fetched / max(sample_bytes, 1),
                     "lr": lr_at(cfg, epoch)}
         if device.type == "cuda":
@@ -180,6 +198,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics |= {f"val_{k}": v for k, v in val.summary().items()}
             assert tracker is not None
             tracker.log(metrics, epoch)
+            if data_errors["skipped"] or data_errors["damaged"]:
+                tracker.log_dict({"epoch": epoch, **data_errors}, f"data_errors/epoch-{epoch:03d}.json")
             with tempfile.TemporaryDirectory() as d:
                 save_state(os.path.join(d, CHECKPOINT_FILE), model, opt, loss_fn, epoch, metrics)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -101,3 +101,8 @@ class RankZeroTracker:
                  for k, v in metrics.items() if isinstance(v, int | float)]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
+        """``data`` as a JSON artifact of the run (e.g. the samples an epoch skipped, and why)."""
+        if self.client is not None:
+            self.client.log_dict(self.run_id, data, artifact_file)

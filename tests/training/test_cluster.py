@@ -15,7 +15,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,13 +30,11 @@ from typing import Any
 import psutil
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.loader import slot_plan, split_shards
+from tests.fixtures.ray_runs import ray_env, records, registered_checkpoints, stop_tree, write_config
 from tests.fixtures.tiny_mnist import tiny_job
-from tnet.configtools import to_dict
-from training.config import JobConfig
 from training.loop import CHECKPOINT_FILE, load_state
 
 pytestmark = pytest.mark.slow
@@ -50,39 +47,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def ray_env() -> dict[str, str]:
-    """No inherited cluster address; token auth on the head and the client alike (PITFALLS.md)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    return {**env, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
-
-
-def write_config(cfg: JobConfig, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return path
-
-
-def records(folder: Path, prefix: str) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob(f"{prefix}*.json"))]
-
-
-def stop_tree(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Stop ``proc`` gracefully, then kill whatever of its descendants is left, by pid."""
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    _, alive = psutil.wait_procs(family, timeout=10)
-    for p in alive:
-        p.kill()
 
 
 # ----------------------------------------------------------------------------- two nodes, a lost worker
@@ -112,16 +76,6 @@ def two_nodes(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield {"cfg": cfg, "outcome": json.loads(out.strip().splitlines()[-1]), "debug": debug, "killed": killed}
     finally:
         stop_tree(proc)
-
-
-def registered_checkpoints(run_dir: Path) -> list[str]:
-    """Checkpoints Ray Train's controller has registered (a directory alone is not enough: it is
-    written by rank 0 before every rank's report arrives, and a failure then loses it)."""
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
 
 
 def kill_rank_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, debug: Path, rank: int) -> dict[str, Any]:

@@ -21,20 +21,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.pyramid import PyramidReader
+from tests.fixtures.ray_runs import train_in_process
 from tests.fixtures.tiny_mnist import tiny_job
 from training.config import JobConfig
-from training.driver import TrainOutcome, train
+from training.driver import TrainOutcome
 from training.loop import CHECKPOINT_FILE, epoch_quota, load_state
 
 pytestmark = pytest.mark.slow
-
-
-def run(cfg: JobConfig, out: Path) -> TrainOutcome:
-    previous = mlflow.get_tracking_uri()
-    try:
-        return train(cfg, out)
-    finally:
-        mlflow.set_tracking_uri(previous)  # finalize() sets the process-wide URI
 
 
 def final_state(outcome: TrainOutcome) -> dict[str, Any]:
@@ -47,7 +40,7 @@ def straight(ray_local: Any, tiny_mnist: Path, tmp_path_factory: pytest.TempPath
     """Two epochs without interruption."""
     tmp = tmp_path_factory.mktemp("straight")
     cfg = tiny_job(tiny_mnist, tmp, run_name="straight", epochs=2, lr_decay_at=1.0)
-    yield cfg, run(cfg, tmp / "out")
+    yield cfg, train_in_process(cfg, tmp / "out")
 
 
 def test_run_is_tracked_and_registered(straight: tuple[JobConfig, TrainOutcome], tiny_mnist: Path) -> None:
@@ -101,9 +94,9 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(
     _, uninterrupted = straight
     first = tiny_job(tiny_mnist, tmp_path, run_name="resumed", epochs=1, lr_decay_at=1.0)
     first = replace(first, tracking=replace(first.tracking, register=False, overlays=0))  # saves ~5 s a run
-    one = run(first, tmp_path / "out1")
+    one = train_in_process(first, tmp_path / "out1")
     assert final_state(one)["epoch"] == 0
-    resumed = run(replace(first, train=replace(first.train, epochs=2)), tmp_path / "out2")
+    resumed = train_in_process(replace(first, train=replace(first.train, epochs=2)), tmp_path / "out2")
     client = MlflowClient(resumed.tracking_uri)
     # the re-run started at epoch 1: it logged no epoch 0
     assert [m.step for m in client.get_metric_history(resumed.run_id, "train_total")] == [1]
