@@ -239,6 +239,13 @@ def bar_panels(path: Path, title: str, groups: list[str], panels: dict[str, dict
             ax.set_yscale("log")
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write and release a figure (pyplot keeps every open figure alive otherwise)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

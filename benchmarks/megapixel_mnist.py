@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import finish, load_avg, machine_info, result_path, write_json  # noqa: E402
+from benchmarks.common import finish, load_avg, machine_info, result_path, save_figure, write_json  # noqa: E402
 from pipeline.dataset_files import read_dataset_json  # noqa: E402
 from pipeline.errors import DatasetError  # noqa: E402
 from pipeline.loader import Batch, StreamSpec, make_loader, split_shards  # noqa: E402
@@ -387,10 +387,7 @@ def plot(path: Path, curves: dict[str, list[dict[str, Any]]], title: str) -> Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
