@@ -29,7 +29,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -37,7 +36,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.dataset_files import MANIFEST, read_dataset_json
 from pipeline.errors import FormatError, PipelineError
-from pipeline.lazy import PyramidRegionSource, View, random_view, to_model
+from pipeline.lazy import PyramidRegionSource, View, pixel_mean, random_view, to_model
 from pipeline.pyramid import PyramidReader
 from pipeline.random_access import cycle, manifest_rows, read_json_member, slot_rows
 from pipeline.ranged import ByteCounter, MemberRef
@@ -246,7 +245,7 @@ class ShardStream(IterableDataset):
         else:
             view = View((0.0, 0.0, float(reader.width), float(reader.height)))
         pixels = reader.read_region(view.box, spec.base_size, fill=128)
-        mean = tuple(float(m) for m in np.atleast_1d(pixels.reshape(-1, reader.channels).mean(0) / 255.0))
+        mean = pixel_mean(pixels)
         view = View(view.box, view.flip, view.jitter, mean)
         return view, to_model(pixels, view, spec.channels)
 

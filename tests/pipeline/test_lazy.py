@@ -20,7 +20,17 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.lazy import GREY, Jitter, PyramidRegionSource, View, random_view, to_model
+from pipeline.lazy import (
+    GREY,
+    Jitter,
+    PyramidRegionSource,
+    View,
+    pixel_mean,
+    random_view,
+    regions_to_model,
+    shift_hue,
+    to_model,
+)
 from pipeline.loader import Batch, StreamSpec, make_loader, split_shards
 from pipeline.pyramid import PyramidReader, build_pyramid
 from pipeline.resample import choose_level, level_box, sampling_window, tiles_of
@@ -242,3 +252,132 @@ def test_mismatched_readers_and_views_are_refused(batch: Batch) -> None:
         PyramidRegionSource([PyramidReader(batch.pyramids[0])], batch.views[:2], 1)
     with pytest.raises(ValueError, match="boxes.shape"):
         batch.region_source(1).read_regions(torch.zeros(2, 1, 4), 16)
+
+
+# ----------------------------------------------------------------------------- conversion and hue
+
+
+def reference_to_model(pixels: np.ndarray, view: View) -> torch.Tensor:
+    """The per-region conversion before issue 7, kept as the reference: float (C, h, w) in [-1, 1]."""
+    from torchvision.transforms.functional import adjust_hue
+
+    t = torch.tensor(pixels, dtype=torch.float32).div_(255.0)
+    t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
+    if view.flip:
+        t = t.flip(-1)
+    kind, amount = view.jitter.kind, view.jitter.amount
+    if kind == "brightness":
+        t = (t + amount).clamp(0, 1)
+    elif kind == "contrast":
+        mean = torch.tensor(view.mean or [0.5] * t.shape[0]).mean()
+        t = (mean + (t - mean) * amount).clamp(0, 1)
+    elif kind == "saturation" and t.shape[0] == 3:
+        grey = (0.299 * t[0] + 0.587 * t[1] + 0.114 * t[2])[None]
+        t = (grey + (t - grey) * amount).clamp(0, 1)
+    elif kind == "hue" and t.shape[0] == 3:
+        t = adjust_hue(t, amount)
+    return t * 2.0 - 1.0
+
+
+def photo_regions(k: int = 3, size: int = 40) -> list[np.ndarray]:
+    """Colourful uint8 regions: a smooth gradient, noise, and flat grey and saturated patches."""
+    rng = np.random.default_rng(5)
+    y, x = np.mgrid[0:size, 0:size]
+    gradient = np.stack([x * 6, y * 6, 255 - (x + y) * 3], axis=-1).clip(0, 255).astype(np.uint8)
+    noise = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    flat = np.zeros((size, size, 3), np.uint8)
+    flat[: size // 2] = 77  # grey: hue undefined, must stay put
+    flat[size // 2:] = (250, 10, 60)
+    return [gradient, noise, flat][:k]
+
+
+@pytest.mark.parametrize("jitter", [Jitter("none"), Jitter("brightness", -0.1), Jitter("brightness", 0.12),
+                                    Jitter("contrast", 0.6), Jitter("contrast", 1.4), Jitter("saturation", 0.5),
+                                    Jitter("saturation", 1.5), Jitter("hue", -0.2), Jitter("hue", 0.13)])
+@pytest.mark.parametrize("flip", [False, True])
+def test_one_conversion_per_sample_equals_the_per_region_reference(jitter: Jitter, flip: bool) -> None:
+    regions = photo_regions()
+    view = View((0.0, 0.0, 40.0, 40.0), flip=flip, jitter=jitter, mean=(0.3, 0.5, 0.6))
+    got = regions_to_model(regions, view, 3)
+    assert got.shape == (3, 3, 40, 40) and got.dtype == torch.float32 and got.is_contiguous()
+    ref = torch.stack([reference_to_model(r, view) for r in regions])
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)  # float rounding only (1/400 of a grey level)
+    for region, one in zip(got, regions):
+        torch.testing.assert_close(to_model(one, view, 3), region, atol=1e-6, rtol=0)
+
+
+def test_shift_hue_is_torchvisions_adjust_hue() -> None:
+    from torchvision.transforms.functional import adjust_hue
+
+    images = torch.stack([torch.from_numpy(r).permute(2, 0, 1) for r in photo_regions()]).float() / 255
+    for amount in (-0.5, -0.2, -0.01, 0.0, 0.07, 0.2, 0.5):
+        ref = adjust_hue(images, amount)
+        got = shift_hue(images.clone(), amount)
+        diff = (got - ref).abs()
+        assert diff.mean() < 1e-6 and diff.max() < 1e-4, (amount, diff.mean(), diff.max())
+    shifted = shift_hue(images, 0.2)
+    assert (shifted - images).abs().mean() > 0.05  # it does change colours ...
+    torch.testing.assert_close(shifted[2, :, :20], images[2, :, :20])  # ... but not grey pixels
+    torch.testing.assert_close(shift_hue(images, 1.0), images, atol=1e-5, rtol=0)  # a full turn
+    same = images.clone()
+    assert shift_hue(same, 0.2, out=same) is same  # in place allowed: what the loader does
+    torch.testing.assert_close(same, shifted)
+
+
+def test_hue_and_flip_of_a_seeded_view_are_deterministic() -> None:
+    regions = photo_regions()
+    for seed in range(40):
+        view = random_view(40, 40, random.Random(seed))
+        if view.jitter.kind == "hue":
+            break
+    again = random_view(40, 40, random.Random(seed))
+    assert view == again and view.jitter.kind == "hue"
+    assert torch.equal(regions_to_model(regions, view, 3), regions_to_model(regions, again, 3))
+
+
+def test_regions_to_model_writes_into_out_and_checks_its_input() -> None:
+    regions = photo_regions(2)
+    out = torch.full((3, 2, 3, 40, 40), 9.0)
+    view = View((0.0, 0.0, 1.0, 1.0), jitter=Jitter("brightness", 0.1))
+    assert regions_to_model(regions, view, 3, out=out[1]).data_ptr() == out[1].data_ptr()
+    torch.testing.assert_close(out[1], regions_to_model(regions, view, 3))
+    assert (out[0] == 9).all() and (out[2] == 9).all()  # the neighbours are untouched
+    with pytest.raises(ValueError, match=r"out.shape=\(2, 3, 40, 41\)"):
+        regions_to_model(regions, view, 3, out=torch.empty(2, 3, 40, 41))
+    with pytest.raises(ValueError, match="shapes"):
+        regions_to_model([regions[0], regions[1][:20]], view, 3)
+    with pytest.raises(ValueError, match="at least one"):
+        regions_to_model([], view, 3)
+
+
+def test_grey_regions_become_three_equal_channels_when_the_model_wants_colour() -> None:
+    grey = [np.arange(64, dtype=np.uint8).reshape(8, 8), np.full((8, 8), 200, np.uint8)]
+    for jitter in (Jitter("none"), Jitter("saturation", 0.5), Jitter("hue", 0.2), Jitter("contrast", 1.3)):
+        view = View((0.0, 0.0, 8.0, 8.0), flip=True, jitter=jitter)
+        got = regions_to_model(grey, view, 3)
+        assert got.shape == (2, 3, 8, 8)
+        assert torch.equal(got[:, 0], got[:, 1]) and torch.equal(got[:, 0], got[:, 2])
+        torch.testing.assert_close(got[:, :1], regions_to_model(grey, view, 1), atol=1e-6, rtol=0)
+        torch.testing.assert_close(got[:, :1], torch.stack([reference_to_model(g, view) for g in grey]),
+                                   atol=2e-5, rtol=0)
+
+
+@given(h=st.integers(1, 40), w=st.integers(1, 40), c=st.sampled_from([0, 1, 3]), seed=st.integers(0, 2**16))
+def test_pixel_mean_is_numpys_mean(h: int, w: int, c: int, seed: int) -> None:
+    shape = (h, w) if c == 0 else (h, w, c)
+    pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    expected = tuple(float(m) for m in np.atleast_1d(pixels.reshape(h * w, -1).mean(0) / 255.0))
+    assert pixel_mean(pixels) == expected
+
+
+def test_threaded_reads_equal_serial_reads(colour_reader: PyramidReader) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(1)
+    views = [random_view(256, 256, rng) for _ in range(4)]
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.25, 0.3, 0.9, 1.0]]] * 4)
+    serial = PyramidRegionSource([colour_reader] * 4, views, 3).read_regions(boxes, 24)
+    with ThreadPoolExecutor(2) as pool:
+        threaded = PyramidRegionSource([colour_reader] * 4, views, 3, executor=pool).read_regions(boxes, 24)
+    assert serial.shape == (4, 2, 3, 24, 24)
+    assert torch.equal(serial, threaded)
