@@ -15,20 +15,19 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+from training.local_head import free_ports, start_head, stop_tree  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def step(title: str) -> None:
@@ -74,6 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(work)
     data, results, outputs = work / "data" / "megapixel-mnist", work / "ray_results", work / "outputs"
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
+    # A new run each time (same name = resume in jobs/train.py, which would hand back the last
+    # demo's finished model); MLflow keeps every demo run and the registry gets a new version.
+    run_name = f"{yaml.safe_load((ROOT / args.config).read_text())['train']['run_name']}-{time.strftime('%Y%m%d-%H%M%S')}"
     work.mkdir(parents=True, exist_ok=True)
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps the local Ray on 127.0.0.1 (Ray otherwise swaps
     # 127.0.0.1 for the host's network address so that other machines could join).
@@ -89,22 +91,24 @@ def main(argv: list[str] | None = None) -> dict:
          "--shard-bytes", "4MB", "--workers", "2"], env)
 
     step("2/4 Starting a local Ray head on 127.0.0.1")
-    port, dash = free_port(), free_port()
     ray_bin = str(Path(PY).parent / "ray")
-    run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
-         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--disable-usage-stats"], env)
+    ray_temp = tempfile.mkdtemp(prefix="ray-demo-", dir="/tmp")  # short: Ray's socket paths live under it
+    head_log = work / "ray_head.log"
+    head, address = start_head(ray_bin, ray_temp, free_ports(), 2, head_log, env)
+    print(f"   Ray head up, job server {address} (log: {head_log})", flush=True)
     try:
         step("3/4 Submitting training with `ray job submit`")
-        train_out = run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
+        train_out = run([ray_bin, "job", "submit", "--address", address, "--working-dir", ".",
                          "--", "python", "jobs/train.py", "--config", args.config, "--address", "auto",
                          "--set", f"data.url={data}", "--set", f"train.storage_path={results}",
+                         "--set", f"train.run_name={run_name}",
                          "--set", f"tracking.tracking_uri={tracking_uri}", "--out", str(outputs), "--json"],
                         env, capture=True)
         trained = last_json(train_out, '"run_id"')
     finally:
-        step("Stopping Ray")
-        subprocess.run([ray_bin, "stop", "--force"], cwd=ROOT, env=env, check=False)
+        step("Stopping the demo's Ray head (other Ray clusters on this machine are left alone)")
+        stop_tree(head)
+        shutil.rmtree(ray_temp, ignore_errors=True)
 
     step("4/4 Evaluating models:/…@candidate across numbers of locations, promoting to champion if better")
     model_uri = trained["model_uri"]

@@ -12,16 +12,12 @@ that is how the test sees which samples each rank read and which process to kill
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -35,18 +31,13 @@ from mlflow.tracking import MlflowClient
 from pipeline.loader import slot_plan, split_shards
 from tests.fixtures.ray_runs import ray_env, records, registered_checkpoints, stop_tree, write_config
 from tests.fixtures.tiny_mnist import tiny_job
+from training.local_head import free_ports, start_head
 from training.loop import CHECKPOINT_FILE, load_state
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 TWO_NODES = REPO / "tests" / "fixtures" / "two_node_train.py"
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- two nodes, a lost worker
@@ -161,38 +152,13 @@ def test_lost_worker_resumes_from_the_last_checkpoint(two_nodes: dict[str, Any])
 def ray_head() -> Iterator[dict[str, Any]]:
     """``ray start --head --block`` on free ports with the dashboard (the job server) on 127.0.0.1."""
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
-    ports = {name: free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
-                                            "dashboard-agent-grpc-port", "metrics-export-port",
-                                            "runtime-env-agent-port", "ray-client-server-port")}
-    args = [RAY, "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
-            "--disable-usage-stats"] + [f"--{k}={v}" for k, v in ports.items()]
-    log = open(os.path.join(temp, "head.log"), "w")  # noqa: SIM115 - closed in finally
-    env = {**ray_env(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # SIGTERM: stop now, not in 30 s
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    log = Path(temp, "head.log")
+    proc, address = start_head(RAY, temp, free_ports(), 2, log, ray_env())
     try:
-        wait_for_http(address, proc, timeout=180)
-        yield {"address": address, "log": Path(temp, "head.log")}
+        yield {"address": address, "log": log}
     finally:
         stop_tree(proc)
-        log.close()
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def wait_for_http(address: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"ray start exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return  # answering (e.g. 401 without a token): the server is up
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{address}: no dashboard after {timeout} s")
 
 
 def test_ray_job_submit_trains_and_registers(ray_head: dict[str, Any], tiny_mnist: Path, tmp_path: Path) -> None:
