@@ -10,10 +10,14 @@ goes on: every input ends as exactly one manifest row or one reject row. A sourc
 (``load_stream``, gigapixel inputs) hands over bands instead: the pyramid is built into a
 temporary file by ``streaming.build_pyramid_file`` and copied into the tar in chunks.
 
-Commit protocol (resumability): the tar is written to a temporary key and committed atomically;
-only then the shard's index ``{split}/shard-{i:06d}.json`` (fingerprint of the output config,
-input keys, the tar's size and sha256, its manifest rows and rejects) is committed the same way.
-A re-run skips a shard whose index matches the task and whose tar verifies, and rebuilds the
+Commit protocol (resumability): the tar is written to a temporary key, its sha256 computed from
+the bytes on their way out and its stored size checked, then committed atomically. It is not read
+back: on a local disk that would re-read the page cache, and on S3 botocore by default sends a CRC
+of every part, which the store checks; the read would cost one more pass over every byte. Only then
+the shard's index ``{split}/shard-{i:06d}.json`` (fingerprint of the output config, input keys,
+the tar's size and sha256, its manifest rows and rejects) is committed the same way. A re-run
+skips a shard whose index matches the task and whose tar verifies (its size, and with
+``verify="sha256"``, the default, the sha256 of the stored bytes read back), and rebuilds the
 manifest from the indexes. A shard whose inputs were all rejected gets no tar (an empty tar must
 not pose as data); its index says ``"shard": null`` and lists the rejects.
 """
@@ -317,9 +321,9 @@ def write_shard(task: ShardTask, source: Source, cfg: ShardConfig) -> ShardResul
                 continue
             members, fields, src_pixels = made
             if tar is None:  # open lazily: a shard of rejects only gets no tar at all
-                writer, commit = stack.enter_context(
-                    atomic_writer(fs, join(root, tar_rel), root, verify_sha256=cfg.verify == "sha256")
-                )
+                # sha256 hashed as the bytes are written, size checked after the upload; no
+                # re-read here: ``cfg.verify == "sha256"`` re-reads committed tars on resume
+                writer, commit = stack.enter_context(atomic_writer(fs, join(root, tar_rel), root))
                 tar = TarShardWriter(writer)
             try:
                 spans = tar.add_sample(record.key, members)
