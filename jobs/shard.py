@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, help="CPUs of the local Ray (default: all cores); ignored on a cluster")
     parser.add_argument("--task-cpus", type=float, help="CPUs reserved per shard task (default 1)")
     parser.add_argument("--max-retries", type=int, help="retries of a failed shard task (default 2)")
-    parser.add_argument("--verify", choices=("size", "sha256"), help="how committed shards are verified (default sha256)")
+    parser.add_argument("--verify", choices=("size", "sha256"), help="on a re-run, how already committed shards are checked before being skipped: size, or sha256 (re-reads them; default)")
     parser.add_argument("--storage-option", action="append", default=[], metavar="K=V",
                         help="fsspec option for --dst (repeatable; dotted keys nest: client_kwargs.endpoint_url=URL)")  # fmt: skip
     parser.add_argument("--option", action="append", default=[], metavar="K=V",

@@ -76,7 +76,7 @@ class ShardConfig:
     workers: int = 0  # local Ray CPUs; 0 = all cores. Ignored when joining a cluster
     task_cpus: float = 1.0  # CPUs Ray reserves per shard task
     max_retries: int = 2  # Ray retries of a failed shard task (crash or storage error)
-    verify: str = "sha256"  # check each committed shard: "size" or "sha256" (re-reads it)
+    verify: str = "sha256"  # on resume, how a committed shard is trusted: "size", or "sha256" (re-reads it)
     address: str = ""  # Ray cluster address; "" = RAY_ADDRESS or a new local Ray
     overwrite: bool = False  # replace a dataset at dst built with a different config
     progress: bool = True  # tqdm progress bar on the driver
