@@ -2,26 +2,26 @@
 
 ``build_pyramid`` (pyramid.py) holds the image and all its levels in memory; a 64k x 64k RGB slide
 is 12 GiB. Here a source only has to hand over horizontal *bands* of rows, top to bottom
-(``BandSource``): a tiled or striped TIFF, a huge JPEG/PNG decoded sequentially by libvips, an
-OpenSlide slide (sources/slides.py), or an array (tests). Memory stays at a few bands whatever the
-image size:
+(``BandSource``): a plain tiled TIFF decoded tile row by tile row (tiff_bands.py), anything else
+libvips opens (striped TIFF, huge JPEG/PNG) decoded sequentially, an OpenSlide slide
+(sources/slides.py), or an array (tests). Memory stays at about one band (``tile`` rows of full
+width: 25 MB for a 32k RGB level 0) plus what the source keeps, whatever the image size:
 
 1. Level 0 is written to the TIFF one tile row at a time (``tile`` rows of the band); tifffile
    consumes the tile iterator lazily. While a band goes by, it is box-filtered to the next level
-   and those rows are appended, raw, to an anonymous temporary file (plain ``write``, not a memory
-   map, so the pages never count in this process's resident memory).
+   (``halving.Halver``, 32 output rows per resize, no copy of the band) and those rows are
+   appended, raw, to an anonymous temporary file (plain ``write``, not a memory map, so the pages
+   never count in this process's resident memory).
 2. Each next level is read back from its temporary file band by band, written, and halved again.
 
-Same layout and bytes as ``build_pyramid``: levels are ``ceil(w / 2) x ceil(h / 2)`` made with
-Pillow's BOX filter, cut per band with the exact whole-image coordinates (``_Halver``), edge tiles
-padded by repetition, the same tifffile arguments. With even level sizes the output is
-byte-identical to ``build_pyramid`` (tested); with odd ones Pillow's float filter positions may
-round one weight differently, a difference of at most one grey level.
+Same layout and bytes as ``build_pyramid``, for every size (tested): levels are
+``ceil(w / 2) x ceil(h / 2)`` made with Pillow's BOX filter, cut per group of rows and checked
+against Pillow's whole-level filter table (``halving``), edge tiles padded by repetition, the same
+tifffile arguments.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,11 +29,12 @@ from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import tifffile
-from PIL import Image
 
+from pipeline.halving import Halver
 from pipeline.pyramid import DEFAULT_TILE, level_sizes, tiles_of_band, write_level
 
 BAND_ROWS_MAX = 4096  # rows a source band may have; tile rows are what we ask for
+FETCH_COLUMNS = 1024  # columns per libvips fetch of a band (VipsBands.read_band)
 
 
 class BandSource(Protocol):
@@ -81,58 +82,6 @@ class _RawBands:
         return np.frombuffer(data, np.uint8).reshape(shape)
 
 
-class _Halver:
-    """Box-filters a level, pushed in row order, to ``ceil(w / 2) x ceil(h / 2)`` and writes the rows.
-
-    Pillow's BOX filter at scale ``s = h / h2`` (<= 2) makes output row ``j`` from input rows inside
-    ``[j * s - 0.5, (j + 1) * s + 0.5]``. Output rows ``[j0, j1)`` are made from input rows
-    ``[floor(j0 * s) - 1, ceil(j1 * s) + 1)`` (clipped) with ``resize(box=...)`` in the whole
-    image's coordinates shifted by the first row, so the filter sees what it sees on the whole image.
-    """
-
-    def __init__(self, size: tuple[int, int], out_size: tuple[int, int], out: BinaryIO) -> None:
-        (self.w, self.h), (self.w2, self.h2) = size, out_size
-        self.sy = self.h / self.h2
-        self.out = out
-        self.rows: list[np.ndarray] = []
-        self.first = 0  # input row index of self.rows[0][0]
-        self.avail = 0  # input rows pushed so far
-        self.done = 0  # output rows written
-
-    def _need(self, j: int) -> int:
-        """Input rows needed (exclusive end) for output rows up to ``j`` (exclusive)."""
-        return min(self.h, math.ceil(j * self.sy) + 1)
-
-    def push(self, band: np.ndarray) -> None:
-        self.rows.append(band)
-        self.avail += band.shape[0]
-        j1 = self.done
-        while j1 < self.h2 and self._need(j1 + 1) <= self.avail:
-            j1 += 1
-        if j1 - self.done >= 16 or (j1 == self.h2 and j1 > self.done):
-            self._emit(j1)
-
-    def finish(self) -> None:
-        if self.avail != self.h:
-            raise ValueError(f"level of height {self.h} got {self.avail} rows")
-        if self.done < self.h2:
-            self._emit(self.h2)
-
-    def _emit(self, j1: int) -> None:
-        j0 = self.done
-        r0 = max(0, math.floor(j0 * self.sy) - 1)
-        r1 = self._need(j1)
-        block = np.concatenate(self.rows) if len(self.rows) > 1 else self.rows[0]
-        crop = block[r0 - self.first:r1 - self.first]
-        box = (0.0, j0 * self.sy - r0, float(self.w), j1 * self.sy - r0)
-        small = Image.fromarray(crop).resize((self.w2, j1 - j0), Image.BOX, box=box)
-        self.out.write(np.asarray(small).tobytes())
-        self.done = j1
-        keep = max(0, math.floor(j1 * self.sy) - 1)  # first row the next output rows may need
-        self.rows = [block[keep - self.first:]]
-        self.first = keep
-
-
 @dataclass(frozen=True)
 class StreamedPyramid:
     """What ``build_pyramid_stream`` wrote: sizes of its levels and its byte count."""
@@ -153,7 +102,7 @@ def _check(bands: BandSource, tile: int, quality: int) -> None:
 
 
 def _level_tiles(read: Any, size: tuple[int, int], channels: int, tile: int,
-                 halver: _Halver | None) -> Iterator[np.ndarray]:
+                 halver: Halver | None) -> Iterator[np.ndarray]:
     w, h = size
     for y0 in range(0, h, tile):
         band = np.asarray(read(y0, min(y0 + tile, h)))
@@ -163,6 +112,7 @@ def _level_tiles(read: Any, size: tuple[int, int], channels: int, tile: int,
         if halver is not None:
             halver.push(band)
         yield from tiles_of_band(band, tile)
+        del band  # before the next read: a band may be a view that keeps the source's buffer alive
 
 
 def build_pyramid_stream(bands: BandSource, out: BinaryIO, tile: int = DEFAULT_TILE, quality: int = 90,
@@ -188,7 +138,7 @@ def build_pyramid_stream(bands: BandSource, out: BinaryIO, tile: int = DEFAULT_T
             for i, size in enumerate(sizes):
                 nxt = tempfile.TemporaryFile(dir=tmp_dir) if i + 1 < len(sizes) else None  # noqa: SIM115
                 try:
-                    halver = _Halver(size, sizes[i + 1], nxt) if nxt is not None else None
+                    halver = Halver(size, sizes[i + 1], nxt) if nxt is not None else None
                     write_level(tw, _level_tiles(read, size, c, tile, halver), size, c, tile, quality, i)
                     if halver is not None:
                         halver.finish()
@@ -268,18 +218,28 @@ class VipsBands:
         return out
 
     def read_band(self, y0: int, y1: int) -> np.ndarray:
+        """Rows ``[y0, y1)``, fetched ``FETCH_COLUMNS`` columns at a time into one array.
+
+        One fetch of a whole 256-row band of a 32k image cost about 1.6 MB of peak RSS per row (libvips'
+        region buffer, the copy it hands back, and its tile cache's working set around the request),
+        387 MB at 32k; column chunks keep libvips' share at its own tile cache (measured: docs/gigapixel.md).
+        """
         import pyvips
 
         from pipeline.errors import SampleError
 
-        try:
-            data = self._region.fetch(0, y0, self.width, y1 - y0)
-        except pyvips.Error as exc:
-            reason = "truncated image" if "truncat" in str(exc).lower() or "premature" in str(exc).lower() \
-                else "unreadable image"
-            raise SampleError(self.where, reason, f"libvips at rows {y0}..{y1}: {str(exc).strip()[:500]}") from None
         shape = (y1 - y0, self.width) + ((3,) if self.channels == 3 else ())
-        return np.frombuffer(data, np.uint8).reshape(shape)
+        out = np.empty(shape, np.uint8)
+        for x0 in range(0, self.width, FETCH_COLUMNS):
+            x1 = min(x0 + FETCH_COLUMNS, self.width)
+            try:
+                data = self._region.fetch(x0, y0, x1 - x0, y1 - y0)
+            except pyvips.Error as exc:
+                reason = "truncated image" if "truncat" in str(exc).lower() or "premature" in str(exc).lower() \
+                    else "unreadable image"
+                raise SampleError(self.where, reason, f"libvips at rows {y0}..{y1}: {str(exc).strip()[:500]}") from None
+            out[:, x0:x1] = np.frombuffer(data, np.uint8).reshape((y1 - y0, x1 - x0) + shape[2:])
+        return out
 
 
 def _to_uint8_channels(img: Any, channels: int, where: str) -> Any:
