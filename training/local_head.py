@@ -79,6 +79,7 @@ def stop_tree(proc: subprocess.Popen, timeout: float = 30.0) -> None:
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
+    psutil.wait_procs(alive, timeout=10)  # gone (or a zombie awaiting its reaper) when this returns
 
 
 def free_ports(names: tuple[str, ...] = HEAD_PORTS) -> dict[str, int]:

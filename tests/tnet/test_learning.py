@@ -56,6 +56,7 @@ def accuracy(predict, g: torch.Generator, n: int = 768) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 4-6 min alone; two OpenMP threads slow down several-fold on a busy machine
 def test_tnet_beats_whole_image_cnn_at_same_compute():
     torch.manual_seed(0)
     torch.set_num_threads(2)
