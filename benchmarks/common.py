@@ -185,12 +185,25 @@ def result_path(name: str, quick: bool, suffix: str, out_dir: Path | None = None
 
 
 def write_json(result: dict[str, Any], path: Path) -> Path:
-    """Write ``result``; a plot beside the JSON is recorded by file name, never a machine's path."""
+    """Write ``result`` without this machine's paths: a plot beside the JSON by file name, any other
+    path inside the project relative to its root (results are committed and read elsewhere)."""
     plot = result.get("plot")
     if plot and Path(plot).parent.resolve() == path.parent.resolve():
         result["plot"] = Path(plot).name
-    path.write_text(json.dumps(result, indent=2, sort_keys=True, default=_plain) + "\n")
+    text = json.dumps(project_relative(result), indent=2, sort_keys=True, default=_plain)
+    path.write_text(text + "\n")
     return path
+
+
+def project_relative(value: Any, root: Path = REPO) -> Any:
+    """``value`` with every string or Path under ``root`` made relative to it, recursively."""
+    if isinstance(value, dict):
+        return {k: project_relative(v, root) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [project_relative(v, root) for v in value]
+    if isinstance(value, str | Path) and str(value).startswith(f"{root}{os.sep}"):
+        return str(Path(value).relative_to(root))
+    return value
 
 
 def _plain(value: Any) -> Any:
