@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import FormatError
-from pipeline.lazy import GREY, View, apply_jitter, is_base_request, views_to_source
+from pipeline.lazy import GREY, View, is_base_request, jitter_to_model, views_to_source
 from pipeline.pyramid import PyramidReader
 from pipeline.resample import (
     Box,
@@ -221,10 +221,9 @@ class GpuPyramidRegionSource:
         return self._to_model(pixels, view)
 
     def _to_model(self, pixels: Tensor, view: View) -> Tensor:
-        """(C, h, w) float 0..255 -> [-1, 1], flipped and jittered as ``pipeline.lazy.to_model``."""
-        t = pixels / 255.0
-        if self.channels == 3 and t.shape[0] == 1:
-            t = t.expand(3, -1, -1)
+        """(C, h, w) float 0..255, owned here -> [-1, 1], flipped and jittered as the CPU path does."""
+        if self.channels == 3 and pixels.shape[0] == 1:
+            pixels = pixels.expand(3, -1, -1).contiguous()  # a real copy: the jitter works in place
         if view.flip:
-            t = t.flip(-1)
-        return apply_jitter(t, view).mul(2.0).sub(1.0)
+            pixels = pixels.flip(-1)
+        return jitter_to_model(pixels, view)

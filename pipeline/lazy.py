@@ -139,9 +139,12 @@ def regions_to_model(regions: Sequence[np.ndarray], view: View, channels: int, o
 def jitter_to_model(x: Tensor, view: View) -> Tensor:
     """In place: float (..., C, h, w) holding 0..255 -> [-1, 1], colour-jittered as the view says.
 
-    ``apply_jitter``'s formulas with the scaling to [0, 1] and then to [-1, 1] folded into their
-    constants: two or three passes over the stack instead of five or six (the conversion is a
-    tenth of the loader's time). ``x`` must be contiguous and not shared (not an expanded view).
+    The colour changes in [0, 1] (brightness: clamp(x + a); contrast: clamp(m + (x - m) a) around
+    the view's mean; saturation: clamp(g + (x - g) a) around the grey; hue: ``shift_hue``) with
+    the scalings to [0, 1] and then to [-1, 1] folded into their constants: two or three passes
+    over the stack instead of five or six (the conversion is a tenth of the loader's time). The
+    one implementation, for the CPU and the GPU paths alike. ``x`` must be contiguous and not
+    shared (not an expanded view).
     """
     kind, amount, channels = view.jitter.kind, view.jitter.amount, x.shape[-3]
     if kind == "brightness":  # clamp(x / 255 + a, 0, 1) * 2 - 1
@@ -157,30 +160,6 @@ def jitter_to_model(x: Tensor, view: View) -> Tensor:
     if kind == "hue" and channels == 3:
         return shift_hue(x.div_(255.0), amount, out=x).mul_(2.0).sub_(1.0)
     return x.mul_(2.0 / 255.0).sub_(1.0)  # "none", or a colour change of a grey image
-
-
-def apply_jitter(t: Tensor, view: View) -> Tensor:
-    """Colour change of a (..., C, h, w) tensor in [0, 1], identical for every region of a sample.
-
-    Works on one region or a stack of them, on any device (the GPU path uses it too). Returns a
-    new tensor (``t`` may be an expanded grey view, which in-place operations refuse) unless the
-    kind is "none" or does not apply to the channels, where ``t`` itself comes back.
-    """
-    kind, amount = view.jitter.kind, view.jitter.amount
-    if kind == "none":
-        return t
-    if kind == "brightness":
-        return (t + amount).clamp_(0, 1)
-    if kind == "contrast":
-        mean = torch.tensor(view.mean or [0.5] * t.shape[-3]).mean()
-        return (t - mean).mul_(amount).add_(mean).clamp_(0, 1)
-    if t.shape[-3] != 3:
-        return t
-    if kind == "saturation":
-        r, g, b = t.unbind(-3)
-        grey = (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
-        return (t - grey).mul_(amount).add_(grey).clamp_(0, 1)
-    return shift_hue(t, amount)
 
 
 def shift_hue(t: Tensor, amount: float, out: Tensor | None = None) -> Tensor:
