@@ -72,28 +72,48 @@ def run_child(ctx: Any, dst: Path, kill_at: tuple[int, float] | None) -> bool:
     return alive
 
 
+def commit_times(ctx: Any, dst: Path) -> list[float]:
+    """Run the job to completion, noting when each tar was committed (seconds from the start):
+    the timeline the kill points are drawn from."""
+    proc = ctx.Process(target=shard_job, args=(str(dst),))
+    started = time.monotonic()
+    proc.start()
+    times: list[float] = []
+    while proc.is_alive():
+        while tars(dst) > len(times):
+            times.append(time.monotonic() - started)
+        time.sleep(0.002)
+    proc.join(120)
+    if proc.exitcode != 0:
+        raise AssertionError(f"{dst}: the timed run exited with {proc.exitcode}")
+    times += [time.monotonic() - started] * (tars(dst) - len(times))
+    return times
+
+
 def test_killed_at_random_points_the_rerun_is_byte_identical(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["pipeline.ray_shard", "tests.reliability.conftest"])
     run_child(ctx, tmp_path / "warm", None)  # warms the forkserver (its imports happen here)
-    started = time.monotonic()
-    run_child(ctx, tmp_path / "timed", None)  # the uninterrupted run: its bytes are the reference
-    full = time.monotonic() - started
+    timeline = commit_times(ctx, tmp_path / "timed")  # the uninterrupted run: its bytes are the reference
     reference = files_of(tmp_path / "timed")
     shards = len([p for p in reference if p.endswith(".tar")])
     assert files_of(tmp_path / "warm") == reference and shards >= 8
+    start_up = timeline[0]
+    gaps = sorted(b - a for a, b in zip(timeline, timeline[1:]) if b > a)
+    gap = gaps[len(gaps) // 2] if gaps else start_up / shards  # a typical shard's time
 
     rng = random.Random(8)
     kills: list[dict[str, Any]] = []
     rounds = 0
     while len(kills) < MIN_KILLS and rounds < 30:
         dst = tmp_path / f"round{rounds}"
-        for _ in range(KILLS_PER_ROUND):
-            # after a random number of committed shards (0 = during start-up), plus a random slice
-            # of one shard's time: kill points spread over every phase of the job
-            at = (rng.randint(tars(dst), shards), rng.uniform(0.0, full / shards))
-            if at[0] == 0:
-                at = (0, rng.uniform(0.0, full))
+        for kill in range(KILLS_PER_ROUND):
+            # The first kill of a round goes after 0, 1, ... committed shards in turn, so the
+            # kills cover every phase of the job whatever the machine's speed; within a phase the
+            # moment is random (a slice of start-up or of one shard's time). Later kills hit the
+            # resumed job at random points.
+            committed = rounds % (shards + 1) if kill == 0 else rng.randint(tars(dst), shards)
+            at = (committed, rng.uniform(0.0, start_up if committed == 0 else gap))
             if run_child(ctx, dst, at):
                 kills.append({"round": rounds, "after_tars": at[0], "delay_s": round(at[1], 3),
                               "state": snapshot(dst)})
@@ -101,7 +121,7 @@ def test_killed_at_random_points_the_rerun_is_byte_identical(tmp_path: Path) -> 
         assert files_of(dst) == reference, f"round {rounds}: differs after kills {kills[-KILLS_PER_ROUND:]}"
         rounds += 1
     phases = sorted({k["state"] for k in kills})
-    figures = {"kills": len(kills), "rounds": rounds, "run_s": round(full, 2), "distinct_states": len(phases)}
+    figures = {"kills": len(kills), "rounds": rounds, "last_commit_s": round(timeline[-1], 2), "distinct_states": len(phases)}
     print(f"\nFIGURES crash-anywhere: {json.dumps(figures)}")
     for k in kills:
         print("  kill", k)
