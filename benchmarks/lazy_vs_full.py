@@ -22,7 +22,11 @@ them). Geometry: the fMoW recipe extended by levels: 448 px = 2 levels, k = [2] 
 896 = 3 levels, k = [2, 1] (configs/fmow_896); each doubling adds one level with k = 1, the same
 3 x 3 grid and overlap 0.5, base 224 px, EfficientNet-B0. Stochastic depth is off in both models.
 
-Timing: interleaved rounds (common.interleaved), median per image; batch 2 on CPU. The full-res
+Timing: interleaved rounds (common.interleaved), median per image. Batch on CPU: 8 images up to
+896 px, 2 above (the full-resolution baseline then takes 3-20 s per image on 2 cores); on CUDA 16.
+The batch matters on CPU: TNet runs its backbone on a few 224 px regions per level, which keep
+two cores busy only in batches (at 896 px, batch 2 gave 2.8x over the baseline, batch 8 5.0x,
+docs/benchmarks.md); ``--batch`` sets one batch for every resolution. The full-res
 training step is skipped (and said so) when its activations would need more than half of the
 free memory. FLOPs per image come from ``tnet.profiling.profile`` (torch's counter).
 
@@ -165,8 +169,8 @@ class Bench:
                  pool: ThreadPoolExecutor) -> None:  # fmt: skip
         torch.manual_seed(0)
         self.cfg = tnet_config(resolution, args.backbone)
-        self.device, self.pool, self.batch = device, pool, args.batch
-        self.full_train_batch = args.batch  # lowered when the full-res activations would not fit
+        self.device, self.pool, self.batch = device, pool, batch_for(resolution, args)
+        self.full_train_batch = self.batch  # lowered when the full-res activations would not fit
         self.sync = torch.cuda.synchronize if device.type == "cuda" else None
         self.tnet = TNet(self.cfg).to(device)
         self.full = WholeImageClassifier(args.backbone, NUM_CLASSES, resolution, dropout=0.5).to(device)
@@ -174,12 +178,12 @@ class Bench:
         self.opt_tnet = torch.optim.Adam(self.tnet.parameters(), lr=1e-4)
         self.opt_full = torch.optim.Adam(self.full.parameters(), lr=1e-4)
         shards = tuple(s for s, _ in split_shards(url, "train"))
-        calls = (args.warmup + args.rounds) * args.batch
+        calls = (args.warmup + args.rounds) * self.batch
         spec = StreamSpec(url=url, split="train", shards=shards, base_size=BASE, channels=3, quota=calls,
                           shuffle_buffer=1, train=False)  # fmt: skip
-        self.infer_batches = iter(make_loader(spec, args.batch, 0))
+        self.infer_batches = iter(make_loader(spec, self.batch, 0))
         train_spec = dataclasses.replace(spec, train=True)
-        self.train_batches = iter(make_loader(train_spec, args.batch, 0))
+        self.train_batches = iter(make_loader(train_spec, self.batch, 0))
         self.raw = raw_samples(url)
 
     # -- data ---------------------------------------------------------------------------------------
@@ -275,7 +279,7 @@ def bench_resolution(url: str, resolution: int, args: argparse.Namespace, device
     probe = WholeImageClassifier(args.backbone, NUM_CLASSES, BASE).to(device)  # measured at 224, scaled by area
     need = 1.5 * saved_activation_bytes(probe, BASE, device) * (resolution / BASE) ** 2
     free = psutil.virtual_memory().available if device.type == "cpu" else torch.cuda.mem_get_info(device)[0]
-    bench.full_train_batch = min(args.batch, int(0.5 * free // need))
+    bench.full_train_batch = min(bench.batch, int(0.5 * free // need))
     full_train = bench.full_train_batch >= 1
     load_before = load_avg()
     timings = interleaved(bench.steps(full_train), args.rounds, args.warmup, bench.sync)
@@ -285,7 +289,7 @@ def bench_resolution(url: str, resolution: int, args: argparse.Namespace, device
         "features_per_image": prof.features_per_image, "tnet_gflops": prof.gflops,
         "full_res_gflops": prof.baseline_gflops, "flops_ratio": prof.flops_ratio,
         "full_res_train_gb_per_image": need / 1e9, "free_memory_gb": free / 1e9,
-        "full_res_train_batch": bench.full_train_batch,
+        "batch": bench.batch, "full_res_train_batch": bench.full_train_batch,
         "load_avg_before": load_before, "load_avg_after": load_avg(),
         "timings": {name: t.summary() for name, t in timings.items()},
     }  # fmt: skip
@@ -326,13 +330,23 @@ def plot(rows: dict[str, dict[str, Any]], path: Path, device: str) -> Path:
                       groups, panels, "images/s", log=True)
 
 
+def batch_for(resolution: int, args: argparse.Namespace) -> int:
+    """Images per step at ``resolution``: ``--batch``, else 16 on CUDA, else 8 up to 896 px and 2 above."""
+    if args.batch:
+        return int(args.batch)
+    if args.device == "cuda":
+        return 16
+    return 8 if resolution <= 896 else 2
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="448 and 896 px only, 2 rounds")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--resolutions", type=int, nargs="+", help="default 448 896 1792 3584 (quick: 448 896)")
-    parser.add_argument("--batch", type=int, help="images per step (default 2 on CPU, 16 on CUDA)")
+    parser.add_argument("--batch", type=int,
+                        help="images per step at every resolution (default: CPU 8 up to 896 px and 2 above, CUDA 16)")
     parser.add_argument("--rounds", type=int, help="timed rounds (default 3, quick 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--images", type=int, help="generated images per resolution (default 2 batches)")
@@ -343,14 +357,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     args.resolutions = args.resolutions or (QUICK_RESOLUTIONS if args.quick else RESOLUTIONS)
-    args.batch = args.batch or (16 if cuda else 2)
     args.rounds = args.rounds or (2 if args.quick else 3)
-    args.images = args.images or 2 * args.batch
     for r in args.resolutions:
         tnet_config(r)  # refuse a bad resolution before generating anything
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
-    if min(args.batch, args.rounds, args.images) < 1:
+    if min(args.batch or 1, args.rounds, args.images or 1) < 1:
         parser.error("--batch, --rounds and --images must be >= 1")
     return args
 
@@ -363,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lazy-vs-full-") as tmp, ThreadPoolExecutor(args.decode_threads) as pool:
         for r in args.resolutions:
             raw, dst = Path(tmp) / f"raw{r}", Path(tmp) / f"shards{r}"
-            source_bytes = write_image_folder(raw, args.images, r, seed=r)
+            source_bytes = write_image_folder(raw, args.images or 2 * batch_for(r, args), r, seed=r)
             url = shard_folder(raw, dst)
             rows[str(r)] = bench_resolution(url, r, args, device, pool) | {"source_jpeg_bytes": source_bytes}
             print(format_row(rows[str(r)]), flush=True)

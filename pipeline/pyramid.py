@@ -30,7 +30,8 @@ import tifffile
 from PIL import Image
 
 from pipeline.errors import FormatError
-from pipeline.images import jpeg_is_complete, open_pillow
+from pipeline.images import jpeg_is_complete
+from pipeline.jpeg_tile import decode_jpeg_tile
 from pipeline.resample import (
     Box,
     Window,
@@ -274,17 +275,9 @@ class PyramidReader:
         if not jpeg_is_complete(data):
             raise FormatError(f"{self.where}: tile {key}: truncated JPEG (no end-of-image after the last scan)")
         try:
-            im = open_pillow(data, ("JPEG",))
-            if im is None or im.size != (lv.tile, lv.tile):
-                raise FormatError(f"{self.where}: tile {key}: not a {lv.tile}x{lv.tile} JPEG "
-                                  f"({'unreadable' if im is None else im.size})")
-            im.load()
-        except FormatError:
-            raise
+            im = decode_jpeg_tile(data, lv.tile, "RGB" if lv.samples == 3 else "L")
         except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is a format error
             raise FormatError(f"{self.where}: tile {key}: {type(exc).__name__}: {exc}") from exc
-        if im.mode != ("RGB" if lv.samples == 3 else "L"):
-            raise FormatError(f"{self.where}: tile {key}: JPEG mode {im.mode} for {lv.samples} samples")
         with self._lock:
             self.tiles_decoded += 1
             self.decoded_pixels += lv.tile * lv.tile

@@ -42,6 +42,13 @@ def test_tnet_config_extends_fmow_by_levels() -> None:
         lvf.tnet_config(1000)
 
 
+def test_batch_per_resolution() -> None:
+    lvf = load("lazy_vs_full")
+    default = lvf.parse_args([])
+    assert [lvf.batch_for(r, default) for r in (448, 896, 1792, 3584)] == [8, 8, 2, 2]
+    assert {lvf.batch_for(r, lvf.parse_args(["--batch", "3"])) for r in (448, 3584)} == {3}
+
+
 @pytest.mark.slow
 def test_lazy_vs_full_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     lvf = load("lazy_vs_full")
@@ -52,6 +59,7 @@ def test_lazy_vs_full_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         assert set(result[key]) == {"448"} and result[key]["448"] > 0, key
     row = result["resolutions"]["448"]
     assert {"tnet_gflops", "full_res_gflops", "features_per_image", "load_avg_before"} <= set(row)
+    assert row["batch"] == 1 and row["timings"]["tnet_lazy_infer"]["items"] == [1]
     assert row["timings"]["tnet_lazy_infer"]["decoded_px_per_image_mean"] > 0
     assert row["timings"]["tnet_eager_infer"]["decoded_px_per_image_mean"] >= 448 * 448
     assert (tmp_path / "lazy_vs_full.json").exists() and (tmp_path / "lazy_vs_full.png").exists()
