@@ -16,7 +16,8 @@ one thread, no worker processes (a per-core comparison):
   region read at 224 px;
 - ``bound``: exactly the JPEG tiles the loader decoded (planned with ``gpu_decode.plan_region``,
   the reader's own plan, and checked against the reader's decoded-pixel count), decoded by
-  pillow-simd in a tight loop: no tar, no resampling, no tensors. What one core can do at best;
+  pillow-simd in a tight loop (``pipeline.jpeg_tile.decode_jpeg_tile``, the reader's decoder): no
+  tar, no resampling, no tensors. What one core can do at best;
 - ``webdataset_full``: ``webdataset.WebDataset(...).decode("rgb8")`` over the plain JPEG shards,
   each image decoded whole and made a model-ready float tensor: what a full-resolution model's
   loader does.
@@ -51,7 +52,6 @@ elif str(_ROOT) not in sys.path:
 import tifffile  # noqa: E402
 import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     bar_panels,
@@ -67,6 +67,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.lazy_vs_full import tnet_config  # noqa: E402
 from pipeline.gpu_decode import plan_region  # noqa: E402
+from pipeline.jpeg_tile import decode_jpeg_tile  # noqa: E402
 from pipeline.loader import Batch, StreamSpec, make_loader, split_shards  # noqa: E402
 from tnet.geometry import level_grids  # noqa: E402
 
@@ -145,12 +146,12 @@ class LoaderRun:
                         page = pages[level]
                         index = ty * -(-page.imagewidth // page.tilewidth) + tx
                         off, count = page.dataoffsets[index], page.databytecounts[index]
-                        self.tiles.append(tif[off:off + count])
+                        self.tiles.append((tif[off:off + count], page.tilewidth))
                         self.planned += page.tilewidth * page.tilelength
 
     def bound(self) -> tuple[int, dict[str, float]]:
-        for data in self.tiles:
-            Image.open(io.BytesIO(data)).load()
+        for data, side in self.tiles:  # the loader's own decoder: pillow-simd without Python header parsing
+            decode_jpeg_tile(data, side, "RGB")
         return self.samples, {"tiles_per_sample": len(self.tiles) / self.samples}
 
     def webdataset_full(self) -> tuple[int, dict[str, float]]:
