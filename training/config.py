@@ -59,6 +59,11 @@ class TrainConfig:
     run_name: str = "tnet"  # same name again resumes
     log_every: int = 10  # steps between step-level metrics
     max_steps_per_epoch: int | None = None  # cap, for smoke runs
+    # After each epoch, recompute the BatchNorm running statistics from this many training samples
+    # (no augmentation, the model's deterministic selection) before validation and the checkpoint:
+    # short runs evaluated with the lagging running averages score far below what their weights can
+    # (tnet.levelnorm.recalibrating_norms). 0 = off, the paper.
+    recalibrate_norms: int = 0
     debug_dir: str | None = None  # tests: every rank writes its pid, node and trained keys here (JSON)
 
     def __post_init__(self) -> None:
@@ -66,6 +71,8 @@ class TrainConfig:
             raise ValueError("train.epochs, batch_size and num_workers must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"train.lr={self.lr}: must be > 0")
+        if self.recalibrate_norms < 0:
+            raise ValueError(f"train.recalibrate_norms={self.recalibrate_norms}: must be >= 0 (0 = off)")
         if not 0.0 < self.lr_decay_at <= 1.0:
             raise ValueError(f"train.lr_decay_at={self.lr_decay_at}: must be in (0, 1]")
 

@@ -14,6 +14,7 @@ view) is read as mid-grey (``TolerantRegionSource``). Both are counted over all 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from pipeline.loader import StreamSpec, make_loader, split_shards
+from tnet.levelnorm import recalibrating_norms
 from tnet.losses import TNetLoss
 from tnet.model import TNet
 from training.config import JobConfig, job_config_from_dict
@@ -84,6 +86,30 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def epoch_spec(cfg: JobConfig, shards: list[tuple[str, int]], quota: int, rank: int, world: int,
+               epoch: int) -> StreamSpec:
+    """This rank's training stream for ``epoch``."""
+    return StreamSpec(
+        url=cfg.data.url, split=cfg.data.train_split, shards=tuple(s for s, _ in shards),
+        base_size=cfg.model.base_size, channels=cfg.model.in_chans, quota=quota, rank=rank, world=world,
+        epoch=epoch, seed=cfg.train.seed, train=cfg.data.augment, flip=cfg.data.flip,
+        colour_jitter=cfg.data.colour_jitter, shuffle_buffer=cfg.data.shuffle_buffer,
+        storage_options=dict(cfg.data.storage_options), access=cfg.data.access,
+    )
+
+
+def recalibrate(model: nn.Module, cfg: JobConfig, spec: StreamSpec, executor: ThreadPoolExecutor) -> None:
+    """Recompute the norms' running statistics from ``train.recalibrate_norms`` training samples
+    (this rank's share, the epoch's order, no augmentation); unreadable ones are skipped."""
+    share = max(cfg.train.recalibrate_norms // spec.world, 1)
+    recal = dataclasses.replace(spec, quota=min(share, spec.quota), train=False, flip=False, colour_jitter=False)
+    with recalibrating_norms(model), torch.no_grad():
+        for batch in make_loader(recal, cfg.train.batch_size, cfg.data.loader_workers):
+            if len(batch):
+                model(TolerantRegionSource(batch.region_source(cfg.model.in_chans, executor, cfg.model.antialias),
+                                           batch.keys))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = job_config_from_dict(config["job"])
     ctx = ray.train.get_context()
@@ -122,13 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.manual_seed(epoch_seed(cfg.train.seed, rank, epoch))
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, epoch)
-        spec = StreamSpec(
-            url=cfg.data.url, split=cfg.data.train_split, shards=tuple(s for s, _ in train_shards),
-            base_size=cfg.model.base_size, channels=cfg.model.in_chans, quota=quota, rank=rank, world=world,
-            epoch=epoch, seed=cfg.train.seed, train=cfg.data.augment, flip=cfg.data.flip,
-            colour_jitter=cfg.data.colour_jitter, shuffle_buffer=cfg.data.shuffle_buffer,
-            storage_options=dict(cfg.data.storage_options), access=cfg.data.access,
-        )
+        spec = epoch_spec(cfg, train_shards, quota, rank, world, epoch)
         model.train()
         sums: dict[str, float] = {}
         seen = skipped = decoded = full = fetched = sample_bytes = 0
@@ -175,6 +195,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "step/bytes_read_fraction": batch.bytes_fetched() / max(batch.sample_bytes, 1),
                     "step/images_per_s": seen * world / max(time.monotonic() - t0, 1e-9),
                 }, step_global)
+        if cfg.train.recalibrate_norms:
+            recalibrate(_unwrap(model), cfg, spec, executor)
         if skipped > seen * cfg.data.max_bad_fraction and skipped > 0:
             raise RuntimeError(f"{cfg.data.url}: {skipped} undecodable samples this epoch, "
                                f"over data.max_bad_fraction={cfg.data.max_bad_fraction}")

@@ -107,3 +107,39 @@ def test_mil_weight_enters_the_total_and_needs_cell_classes():
         TNetLoss(LossConfig(mil_weight=1.0))(out, target)
     with pytest.raises(ValueError, match="mil_weight"):
         LossConfig(mil_weight=-1.0)
+
+
+def test_recalibrated_norms_hold_each_levels_statistics_of_the_passes():
+    """Precise BN: after the block, every level's running statistics are the plain average of the
+    batch statistics of that level's inputs over the passes made inside it."""
+    from tnet.levelnorm import recalibrating_norms
+
+    torch.manual_seed(0)
+    model = TNet(dataclasses.replace(CFG, level_norm_stats=True, explore="gumbel")).train()
+    model(images(seed=3))  # running statistics now hold something else
+    first_bn = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen: list[torch.Tensor] = []
+    hook = first_bn.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "batches" not in k}
+    with recalibrating_norms(model), torch.no_grad():
+        assert not model.training and first_bn.training  # eval selection, batch statistics in the norms
+        for seed in (4, 5):
+            model(images(seed=seed))
+    hook.remove()
+    assert model.training and first_bn.momentum == 0.1
+    assert len(seen) == 6  # two passes of three levels
+    stored = [first_bn.running_mean, model.level_norms.l1_0_running_mean, model.level_norms.l2_0_running_mean]
+    variances = [first_bn.running_var, model.level_norms.l1_0_running_var, model.level_norms.l2_0_running_var]
+    for level in range(3):
+        passes = [seen[level], seen[3 + level]]
+        mean = torch.stack([x.mean(dim=(0, 2, 3)) for x in passes]).mean(0)
+        var = torch.stack([x.var(dim=(0, 2, 3), unbiased=True) for x in passes]).mean(0)
+        assert torch.allclose(stored[level], mean, atol=1e-5), level
+        assert torch.allclose(variances[level], var, rtol=1e-4, atol=1e-6), level
+    for name, value in model.state_dict().items():
+        if name in weights:
+            assert torch.equal(value, weights[name]), name  # only statistics change
+    # in evaluation the selection is the deterministic top-k: the same cells on each pass
+    model.eval()
+    x = images(seed=6)
+    assert torch.equal(model(x).selections[0].cells, model(x).selections[0].cells)

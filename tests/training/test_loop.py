@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline.loader import split_shards
 from pipeline.pyramid import PyramidReader
 from tests.fixtures.ray_runs import train_in_process
 from tests.fixtures.tiny_mnist import tiny_job
+from tnet.model import TNet
 from training.config import JobConfig
 from training.driver import TrainOutcome
-from training.loop import CHECKPOINT_FILE, epoch_quota, load_state
+from training.loop import CHECKPOINT_FILE, epoch_quota, epoch_spec, load_state, recalibrate
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +112,26 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(
         for key, value in moments.items():
             assert torch.equal(torch.as_tensor(got["optimizer"]["state"][pid][key]), torch.as_tensor(value)), (pid, key)
     assert got["metrics"]["train_total"] == expected["metrics"]["train_total"]
+
+
+def test_the_checkpoint_holds_norm_statistics_recomputed_after_the_epoch(
+        ray_local: Any, tiny_mnist: Path, tmp_path: Path) -> None:
+    cfg = tiny_job(tiny_mnist, tmp_path, run_name="recalibrated", recalibrate_norms=16, lr_decay_at=1.0)
+    cfg = replace(cfg, tracking=replace(cfg.tracking, register=False, overlays=0))
+    state = final_state(train_in_process(cfg, tmp_path / "out"))
+    model = TNet(cfg.model)
+    model.load_state_dict(state["model"])
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    # Recomputed here from the first 16 samples of epoch 0: recalibration ignores what the norms
+    # held before, so equal statistics mean the loop recalibrated these weights on these samples.
+    shards = split_shards(cfg.data.url, cfg.data.train_split)
+    spec = epoch_spec(cfg, shards, epoch_quota(cfg, shards, 1), 0, 1, 0)
+    for name, value in model.state_dict().items():
+        if "running_mean" in name:
+            value.fill_(7.0)  # whatever the norms hold before is forgotten
+    with ThreadPoolExecutor(1) as pool:
+        recalibrate(model, cfg, spec, pool)
+    assert stats and all(torch.allclose(model.state_dict()[k], v, atol=1e-6) for k, v in stats.items())
 
 
 def canvases(url: Path, n: int) -> np.ndarray:
