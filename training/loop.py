@@ -184,13 +184,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             fetched += batch.bytes_fetched()
             sample_bytes += batch.sample_bytes
             for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * n
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
             for level, lg in enumerate(out.level_logits):
                 correct = float((lg.argmax(-1) == labels).float().sum())
                 sums[f"acc_level{level}"] = sums.get(f"acc_level{level}", 0.0) + correct
             step_global += 1
             if tracker and step % cfg.train.log_every == 0:
-                tracker.log({f"step/{k}": float(v) for k, v in terms.items()} | {
+                tracker.log({f"step/{k}": float(v.detach()) for k, v in terms.items()} | {
                     "step/decoded_pixel_fraction": source.decoded_pixels() / max(batch.full_pixels, 1),
                     "step/bytes_read_fraction": batch.bytes_fetched() / max(batch.sample_bytes, 1),
                     "step/images_per_s": seen * world / max(time.monotonic() - t0, 1e-9),
