@@ -66,6 +66,15 @@ def error_entries(errors: list[str]) -> list[dict[str, str]]:
     return [dict(zip(("where", "reason"), e.split(": ", 1))) for e in errors]
 
 
+def every_rank_has(flag: bool, world: int, device: torch.device) -> bool:
+    """True when ``flag`` holds on every rank (a collective: all ranks call it, once per step)."""
+    if world == 1 or not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def gather_json(obj: Any, world: int, device: torch.device) -> list[Any]:
     """Every rank's JSON-able ``obj``, on every rank (a collective: all ranks call it). Plain
     bytes, not ``all_gather_object``, which would unpickle what other processes send."""

@@ -9,7 +9,9 @@ Corrupt data never stops a run below ``data.max_bad_fraction``: a sample the loa
 is skipped; a tile found corrupt only when the model reads it (the loader decodes just the base
 view) is read as mid-grey (``TolerantRegionSource``). Both are counted over all ranks
 (``train_skipped``, ``train_damaged``) and listed with their reasons in the MLflow artifact
-``data_errors/epoch-NNN.json``.
+``data_errors/epoch-NNN.json``. With several ranks, a step in which one rank has no decodable
+sample is skipped by all of them (DDP's all-reduce needs every rank); the other ranks' samples of
+that step are counted (``train_set_aside``) and listed there too.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ from tnet.levelnorm import recalibrating_norms
 from tnet.losses import TNetLoss
 from tnet.model import TNet
 from training.config import JobConfig, job_config_from_dict
-from training.data_errors import TolerantRegionSource, error_entries, gather_json
+from training.data_errors import TolerantRegionSource, error_entries, every_rank_has, gather_json
 from training.evaluation import evaluate_loader
 from training.tracking import RankZeroTracker
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "state.pt"
+SET_ASIDE = "set aside: another rank had no decodable sample in the same step (DDP ranks step together)"
 
 
 def epoch_quota(cfg: JobConfig, shards: list[tuple[str, int]], world: int) -> int:
@@ -151,17 +154,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         spec = epoch_spec(cfg, train_shards, quota, rank, world, epoch)
         model.train()
         sums: dict[str, float] = {}
-        seen = skipped = decoded = full = fetched = sample_bytes = 0
+        seen = decoded = full = fetched = sample_bytes = 0
         keys: list[str] = []
         bad: list[str] = []  # the loader's errors: "<key>: <reason>"
+        set_aside: list[str] = []  # good samples of steps that a rank with an empty batch made all skip
         damaged: dict[str, str] = {}
         t0 = time.monotonic()
         for step, batch in enumerate(make_loader(spec, cfg.train.batch_size, cfg.data.loader_workers)):
-            skipped += batch.skipped
             bad += batch.errors
             for err in batch.errors:
                 log.warning("skipped: %s", err)
-            if len(batch) == 0:
+            # DDP all-reduces the gradients of every step across ranks: a rank whose whole batch
+            # failed to decode cannot step alone, so when one has nothing, every rank skips the
+            # step and the others' samples are set aside (counted and listed, never silent).
+            if not every_rank_has(len(batch) > 0, world, device):
+                for key in batch.keys:
+                    log.warning("%s: %s", key, SET_ASIDE)
+                set_aside += batch.keys
                 continue
             source = TolerantRegionSource(batch.region_source(cfg.model.in_chans, executor, cfg.model.antialias),
                                           batch.keys)
@@ -195,21 +204,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "step/bytes_read_fraction": batch.bytes_fetched() / max(batch.sample_bytes, 1),
                     "step/images_per_s": seen * world / max(time.monotonic() - t0, 1e-9),
                 }, step_global)
-        if cfg.train.recalibrate_norms:
-            recalibrate(_unwrap(model), cfg, spec, executor)
-        if skipped > seen * cfg.data.max_bad_fraction and skipped > 0:
+        elapsed = time.monotonic() - t0
+        aside = [f"{key}: {SET_ASIDE}" for key in set_aside]
+        ranks = gather_json({"skipped": error_entries(bad), "damaged": error_entries(list(damaged.values())),
+                             "set_aside": error_entries(aside), "seen": seen}, world, device)
+        data_errors = {name: [e for r in ranks for e in r[name]] for name in ("skipped", "damaged", "set_aside")}
+        skipped, seen_all = len(data_errors["skipped"]), sum(r["seen"] for r in ranks)
+        if skipped > seen_all * cfg.data.max_bad_fraction and skipped > 0:  # all ranks raise together
             raise RuntimeError(f"{cfg.data.url}: {skipped} undecodable samples this epoch, "
                                f"over data.max_bad_fraction={cfg.data.max_bad_fraction}")
-        elapsed = time.monotonic() - t0
-        ranks = gather_json({"skipped": error_entries(bad), "damaged": error_entries(list(damaged.values()))},
-                            world, device)
-        data_errors = {name: [e for r in ranks for e in r[name]] for name in ("skipped", "damaged")}
+        if cfg.train.recalibrate_norms:
+            recalibrate(_unwrap(model), cfg, spec, executor)
         debug_record(cfg.train.debug_dir, f"epoch{epoch}-rank{rank}-pid{os.getpid()}.json",
                      {"rank": rank, "epoch": epoch, "pid": os.getpid(), "keys": keys})
         metrics = {f"train_{k}": v / max(seen, 1) for k, v in sums.items()}
         metrics |= {"epoch": epoch, "train_images_per_s": seen * world / max(elapsed, 1e-9),
                     "train_decoded_pixel_fraction": decoded / max(full, 1), "train_skipped": len(data_errors["skipped"]),
-                    "train_damaged": len(data_errors["damaged"]),
+                    "train_damaged": len(data_errors["damaged"]), "train_set_aside": len(data_errors["set_aside"]),
                     "train_bytes_read_fraction": fetched / max(sample_bytes, 1),
                     "lr": lr_at(cfg, epoch)}
         if device.type == "cuda":
@@ -220,7 +231,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics |= {f"val_{k}": v for k, v in val.summary().items()}
             assert tracker is not None
             tracker.log(metrics, epoch)
-            if data_errors["skipped"] or data_errors["damaged"]:
+            if any(data_errors.values()):
                 tracker.log_dict({"epoch": epoch, **data_errors}, f"data_errors/epoch-{epoch:03d}.json")
             with tempfile.TemporaryDirectory() as d:
                 save_state(os.path.join(d, CHECKPOINT_FILE), model, opt, loss_fn, epoch, metrics)

@@ -44,7 +44,7 @@ from pipeline.pyramid import PyramidReader
 from tests.fixtures.ray_runs import ray_env, records, stop_tree, train_in_process, write_config
 from tests.fixtures.tiny_mnist import shard_tiny_mnist, tiny_job
 from training.data_errors import TolerantRegionSource
-from training.loop import CHECKPOINT_FILE, load_state
+from training.loop import CHECKPOINT_FILE, SET_ASIDE, load_state
 
 REPO = Path(__file__).resolve().parents[2]
 TWO_NODES = REPO / "tests" / "fixtures" / "two_node_train.py"
@@ -237,6 +237,34 @@ def test_corrupted_shard_run_completes_and_logs_what_it_skipped(
     assert damaged_keys <= corrupted["victim_keys"] and damaged_keys <= set(seen)
     assert load_state(str(Path(outcome.checkpoint, CHECKPOINT_FILE)))["epoch"] == 0
     print(f"\nFIGURES corrupted-shard-training: {json.dumps({'victim': corrupted['victim'], 'seen': len(seen), 'skipped': len(skipped), 'damaged': len(damaged_keys), 'seconds': round(elapsed, 1)})}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # out-of-step ranks would wait in gloo's all-reduce for 30 minutes
+def test_a_rank_with_an_empty_batch_makes_every_rank_skip_that_step(
+        ray_local: Any, corrupted: dict[str, Any], tmp_path: Path) -> None:
+    """Two DDP ranks at batch 1: the rank that draws the undecodable sample has nothing to step on.
+    Both skip that step (DDP all-reduces every step); the other rank's sample is set aside, counted
+    and listed; every other sample is trained on once."""
+    debug = tmp_path / "debug"
+    debug.mkdir()
+    cfg = tiny_job(corrupted["root"], tmp_path, run_name="empty-batch", epochs=1, num_workers=2, batch_size=1,
+                   debug_dir=str(debug))
+    cfg = replace(cfg, tracking=replace(cfg.tracking, register=False, overlays=0))
+    outcome = train_in_process(cfg, tmp_path / "out")
+    client = MlflowClient(outcome.tracking_uri)
+    assert client.get_run(outcome.run_id).info.status == "FINISHED"
+    listing = json.loads(Path(client.download_artifacts(outcome.run_id, "data_errors/epoch-000.json",
+                                                         str(tmp_path))).read_text())
+    skipped = sorted(f"{e['where']}: {e['reason']}" for e in listing["skipped"])
+    aside = [e["where"] for e in listing["set_aside"]]
+    assert skipped == corrupted["loader_errors"] and len(skipped) == 1
+    assert len(aside) == 1 and [e["reason"] for e in listing["set_aside"]] == [SET_ASIDE]
+    [aside_metric] = client.get_metric_history(outcome.run_id, "train_set_aside")
+    assert aside_metric.value == 1
+    seen = [k for r in records(debug, "epoch0-") for k in r["keys"]]
+    assert len(records(debug, "epoch0-")) == 2 and not set(aside) & set(seen)
+    assert sorted(seen + aside + [e["where"] for e in listing["skipped"]]) == train_keys(root=corrupted["root"])
 
 
 @pytest.mark.slow
