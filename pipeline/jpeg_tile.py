@@ -9,9 +9,10 @@ Pillow uses, so the pixels are Pillow's to the bit.
 
 Safety: the C decoder writes into an image of the size we give it. Pillow's plugin guarantees that
 size equals the frame's; here ``jpeg_frame`` does, and it is stricter than both Pillow and libjpeg
-(any byte where a marker must be, a second frame header, a scan before the frame, a precision
-other than 8 or a frame type libjpeg-turbo cannot decode is an error), so whatever it accepts,
-libjpeg reads the same frame. The decoder must also report the end of the image; anything else is
+(only the segment types a baseline or progressive header holds, each followed by its length;
+any other byte where a marker must be, a second frame header, a scan before the frame, a
+precision other than 8 or a frame type libjpeg-turbo cannot decode is an error), so whatever it
+accepts, libjpeg walks the same segments and reads the same frame. The decoder must also report the end of the image; anything else is
 an error, never a partly grey tile.
 """
 
@@ -24,7 +25,9 @@ from PIL import Image
 # Baseline, extended sequential, progressive (Huffman) and their arithmetic-coded twins.
 _FRAMES = {0xC0: False, 0xC1: False, 0xC2: True, 0xC9: False, 0xCA: True}
 _OTHER_FRAMES = {0xC3, 0xC5, 0xC6, 0xC7, 0xCB, 0xCD, 0xCE, 0xCF}  # lossless, hierarchical
-_SOS, _EOI, _SOI = 0xDA, 0xD9, 0xD8
+_SOS = 0xDA
+# Segments that may precede the scan, each skipped by its length: DHT, DAC, DQT, DRI, COM, APP0-15.
+_TABLES = {0xC4, 0xCC, 0xDB, 0xDD, 0xFE, *range(0xE0, 0xF0)}
 
 
 class JpegFrame(NamedTuple):
@@ -56,7 +59,9 @@ def jpeg_frame(data: bytes) -> JpegFrame:
             if frame is None:
                 raise ValueError("scan before the frame header")
             return frame
-        if marker in (_SOI, _EOI, 0x01) or 0xD0 <= marker <= 0xD7 or length < 2:
+        if not (marker in _TABLES or marker in _FRAMES or marker in _OTHER_FRAMES) or length < 2:
+            # Anything else (a stuffed 0xFF00, SOI, EOI, RSTn, reserved codes) is where libjpeg would
+            # skip bytes to resynchronise and could read a different chain of segments than we do.
             raise ValueError(f"unexpected marker 0xFF{marker:02X} in the header")
         if marker in _FRAMES:
             if frame is not None:

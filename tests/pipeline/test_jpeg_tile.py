@@ -56,6 +56,9 @@ def test_headers_that_disagree_with_the_pyramid_are_refused_before_decoding() ->
         "two frame headers": (grey[:end] + grey[start:end] + grey[end:], 64, "L"),
         "scan before the frame header": (grey[:start] + grey[end:], 64, "L"),
         "no start-of-image marker": (grey[2:], 64, "L"),
+        # a stuffed zero where a marker must be: libjpeg would scan on byte by byte from there
+        "unexpected marker 0xFF00": (grey[:start] + b"\xff\x00\x00\x04" + grey[start:], 64, "L"),
+        "unexpected marker 0xFFD8": (grey[:2] + grey, 64, "L"),
         "no marker at byte 2": (b"\xff\xd8" + bytes(range(256)) * 4, 64, "L"),
         "image data ends before the last row": (grey[: len(grey) // 2], 64, "L"),
     }
