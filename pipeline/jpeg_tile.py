@@ -2,8 +2,7 @@
 
 ``Image.open(...).load()`` walks every JPEG marker in Python (quantisation tables element by
 element) before the C decoder runs. For the small tiles TNet reads (64 px grey on Megapixel
-MNIST) that walk costs three times the decode itself: 148 us against 37 us per tile measured on
-this project's CI CPU. Here a strict marker walk reads only the frame header, checks it against
+MNIST) that walk costs more than the decode itself (docs/benchmarks.md, the loader section). Here a strict marker walk reads only the frame header, checks it against
 the size and mode the pyramid's IFD declares, and hands the bytes to the same libjpeg decoder
 Pillow uses, so the pixels are Pillow's to the bit.
 
@@ -21,6 +20,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from PIL import Image
+
+from pipeline.images import jpeg_is_complete
 
 # Baseline, extended sequential, progressive (Huffman) and their arithmetic-coded twins.
 _FRAMES = {0xC0: False, 0xC1: False, 0xC2: True, 0xC9: False, 0xCA: True}
@@ -86,9 +87,11 @@ def decode_jpeg_tile(data: bytes, side: int, mode: str) -> Image.Image:
     """``data`` decoded as a ``side`` x ``side`` image of ``mode`` ("L" or "RGB").
 
     Raises:
-        ValueError: the header does not declare that size and mode, or the decoder failed or
-            stopped before the end of the image (naming which).
+        ValueError: the stream lacks its end-of-image marker, the header does not declare that
+            size and mode, or the decoder failed or stopped before the end of the image (naming which).
     """
+    if not jpeg_is_complete(data):
+        raise ValueError("truncated JPEG (no end-of-image after the last scan)")
     frame = jpeg_frame(data)
     components = {"L": 1, "RGB": 3}[mode]
     if (frame.width, frame.height) != (side, side):

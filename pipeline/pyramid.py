@@ -30,7 +30,6 @@ import tifffile
 from PIL import Image
 
 from pipeline.errors import FormatError
-from pipeline.images import jpeg_is_complete
 from pipeline.jpeg_tile import decode_jpeg_tile
 from pipeline.resample import (
     Box,
@@ -272,8 +271,6 @@ class PyramidReader:
     def _decode_tile(self, key: TileKey) -> Image.Image:
         lv = self._levels[key[0]]
         data = self._fetch_tile(key)
-        if not jpeg_is_complete(data):
-            raise FormatError(f"{self.where}: tile {key}: truncated JPEG (no end-of-image after the last scan)")
         try:
             im = decode_jpeg_tile(data, lv.tile, "RGB" if lv.samples == 3 else "L")
         except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is a format error

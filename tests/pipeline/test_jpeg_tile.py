@@ -59,8 +59,8 @@ def test_headers_that_disagree_with_the_pyramid_are_refused_before_decoding() ->
         # a stuffed zero where a marker must be: libjpeg would scan on byte by byte from there
         "unexpected marker 0xFF00": (grey[:start] + b"\xff\x00\x00\x04" + grey[start:], 64, "L"),
         "unexpected marker 0xFFD8": (grey[:2] + grey, 64, "L"),
-        "no marker at byte 2": (b"\xff\xd8" + bytes(range(256)) * 4, 64, "L"),
-        "image data ends before the last row": (grey[: len(grey) // 2], 64, "L"),
+        "no marker at byte 2": (b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xda\x00\x02\xff\xd9", 64, "L"),
+        "truncated JPEG": (grey[: len(grey) // 2], 64, "L"),
     }
     for reason, (data, side, mode) in cases.items():
         with pytest.raises(ValueError, match=reason.replace("(", r"\(").replace(")", r"\)")):
