@@ -205,9 +205,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "step/images_per_s": seen * world / max(time.monotonic() - t0, 1e-9),
                 }, step_global)
         elapsed = time.monotonic() - t0
-        aside = [f"{key}: {SET_ASIDE}" for key in set_aside]
         ranks = gather_json({"skipped": error_entries(bad), "damaged": error_entries(list(damaged.values())),
-                             "set_aside": error_entries(aside), "seen": seen}, world, device)
+                             "set_aside": [{"where": k, "reason": SET_ASIDE} for k in set_aside], "seen": seen},
+                            world, device)
         data_errors = {name: [e for r in ranks for e in r[name]] for name in ("skipped", "damaged", "set_aside")}
         skipped, seen_all = len(data_errors["skipped"]), sum(r["seen"] for r in ranks)
         if skipped > seen_all * cfg.data.max_bad_fraction and skipped > 0:  # all ranks raise together
