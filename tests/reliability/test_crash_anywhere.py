@@ -50,17 +50,30 @@ def tars(dst: Path) -> int:
             continue
 
 
-def run_child(ctx: Any, dst: Path, kill_at: tuple[int, float] | None) -> bool:
-    """Run the job in a child; with ``kill_at=(k, s)`` SIGKILL it ``s`` seconds after the k-th tar
-    is committed. True if it was still alive when killed (a real kill point)."""
+def run_to_end(ctx: Any, dst: Path) -> list[float]:
+    """Run the job in a child to completion; when each tar was committed (seconds from the start):
+    the timeline the kill points are drawn from."""
+    proc = ctx.Process(target=shard_job, args=(str(dst),))
+    started = time.monotonic()
+    proc.start()
+    times: list[float] = []
+    while proc.is_alive() and time.monotonic() - started < 120:
+        while tars(dst) > len(times):
+            times.append(time.monotonic() - started)
+        time.sleep(0.002)
+    proc.join(1)
+    if proc.exitcode != 0:
+        proc.kill()
+        raise AssertionError(f"{dst}: the run to completion exited with {proc.exitcode}")
+    times += [time.monotonic() - started] * (tars(dst) - len(times))
+    return times
+
+
+def run_killed(ctx: Any, dst: Path, committed: int, delay: float) -> bool:
+    """Run the job in a child and SIGKILL it ``delay`` seconds after the ``committed``-th tar.
+    True if it was still alive when killed (a real kill point)."""
     proc = ctx.Process(target=shard_job, args=(str(dst),))
     proc.start()
-    if kill_at is None:
-        proc.join(120)
-        if proc.exitcode != 0:
-            raise AssertionError(f"{dst}: the completing run exited with {proc.exitcode}")
-        return False
-    committed, delay = kill_at
     deadline = time.monotonic() + 60
     while proc.is_alive() and tars(dst) < committed and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -72,29 +85,11 @@ def run_child(ctx: Any, dst: Path, kill_at: tuple[int, float] | None) -> bool:
     return alive
 
 
-def commit_times(ctx: Any, dst: Path) -> list[float]:
-    """Run the job to completion, noting when each tar was committed (seconds from the start):
-    the timeline the kill points are drawn from."""
-    proc = ctx.Process(target=shard_job, args=(str(dst),))
-    started = time.monotonic()
-    proc.start()
-    times: list[float] = []
-    while proc.is_alive():
-        while tars(dst) > len(times):
-            times.append(time.monotonic() - started)
-        time.sleep(0.002)
-    proc.join(120)
-    if proc.exitcode != 0:
-        raise AssertionError(f"{dst}: the timed run exited with {proc.exitcode}")
-    times += [time.monotonic() - started] * (tars(dst) - len(times))
-    return times
-
-
 def test_killed_at_random_points_the_rerun_is_byte_identical(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["pipeline.ray_shard", "tests.reliability.conftest"])
-    run_child(ctx, tmp_path / "warm", None)  # warms the forkserver (its imports happen here)
-    timeline = commit_times(ctx, tmp_path / "timed")  # the uninterrupted run: its bytes are the reference
+    run_to_end(ctx, tmp_path / "warm")  # warms the forkserver (its imports happen here)
+    timeline = run_to_end(ctx, tmp_path / "timed")  # the uninterrupted run: its bytes are the reference
     reference = files_of(tmp_path / "timed")
     shards = len([p for p in reference if p.endswith(".tar")])
     assert files_of(tmp_path / "warm") == reference and shards >= 8
@@ -114,10 +109,10 @@ def test_killed_at_random_points_the_rerun_is_byte_identical(tmp_path: Path) -> 
             # resumed job at random points.
             committed = rounds % (shards + 1) if kill == 0 else rng.randint(tars(dst), shards)
             at = (committed, rng.uniform(0.0, start_up if committed == 0 else gap))
-            if run_child(ctx, dst, at):
+            if run_killed(ctx, dst, *at):
                 kills.append({"round": rounds, "after_tars": at[0], "delay_s": round(at[1], 3),
                               "state": snapshot(dst)})
-        run_child(ctx, dst, None)  # the re-run that must finish the same dataset
+        run_to_end(ctx, dst)  # the re-run that must finish the same dataset
         assert files_of(dst) == reference, f"round {rounds}: differs after kills {kills[-KILLS_PER_ROUND:]}"
         rounds += 1
     phases = sorted({k["state"] for k in kills})
