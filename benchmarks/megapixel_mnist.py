@@ -2,7 +2,7 @@
 
     python benchmarks/megapixel_mnist.py [--quick] [--json] [--minutes M] [--eval-at 5,10,30,60]
         [--config configs/megapixel_mnist.yaml] [--set model.locations=[4] ...]
-        [--ablation no_explore=model.explore=none,loss.utility_weight=0 ...]
+        [--ablation no_explore=model.explore=none,loss.utility_weight=0 ...] [--jobs 2 --threads 1]
 
 Data: Megapixel MNIST generated and sharded in this process by the project's own code (serial
 runner, no Ray) into ``--data`` (default: a folder under benchmarks/.cache/ named by the
@@ -11,9 +11,11 @@ parameters, reused while its dataset.json records the same ones). Full: 1500 px 
 demo config (configs/megapixel_mnist_demo.yaml) and a budget that keeps the run under 10 minutes
 on two cores.
 
-Models, trained one after another in this process with ``--threads`` torch threads, from the
-shards through the lazy loader (``pipeline.loader.make_loader``, no worker processes, so loading
-is inside the timed budget):
+Models ("arms"), each with ``--threads`` torch threads, trained one after another in this process
+or, with ``--jobs N``, N at a time in processes of their own (``--jobs 2 --threads 1`` gives each of
+TNet and the baseline one of two cores for the same wall-clock budget); from the shards through
+the lazy loader (``pipeline.loader.make_loader``, no worker processes, so loading is inside the
+timed budget):
 
 - ``tnet``: TNet with the config's model and loss (``--config``, ``--set``); the loader decodes the
   base view, TNet reads the attended regions through ``PyramidRegionSource``, trained as
@@ -38,11 +40,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import re
 import sys
 import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -317,6 +320,15 @@ def train_for(arm: TNetArm | BaselineArm, budget_s: float, checkpoints_s: list[f
     return curve
 
 
+def run_arm(kind: str, name: str, cfg: JobConfig, url: str, side: int, targets: dict[str, np.ndarray], budget_s: float,
+            checkpoints_s: list[float], limit: int | None, threads: int) -> list[dict[str, Any]]:  # fmt: skip
+    """Build one arm (``kind`` "tnet" or "baseline") and train it; top level so a spawned process can run it."""
+    torch.set_num_threads(threads)
+    with ThreadPoolExecutor(cfg.data.decode_threads) as pool:
+        arm = TNetArm(name, cfg, url, pool, targets) if kind == "tnet" else BaselineArm(name, cfg, url, side)
+        return train_for(arm, budget_s, checkpoints_s, limit)
+
+
 # -- command line ----------------------------------------------------------------------------------
 def parse_ablation(text: str) -> tuple[str, list[str]]:
     """``"name=a.b=1,c.d=[2,3]"`` -> ("name", ["a.b=1", "c.d=[2,3]"]); commas inside values are kept.
@@ -353,7 +365,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, help="dataset folder (default: benchmarks/.cache/<parameters>)")
     for name in ("size", "n-train", "n-test", "n-noise", "tile"):
         parser.add_argument(f"--{name}", type=int)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per arm")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="arms trained at once, each in its own process (e.g. --jobs 2 --threads 1 on 2 cores)")
     parser.add_argument("--baseline-size", type=int, help="baseline input side (default: FLOPs-matched)")
     parser.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -367,8 +381,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.ablation = dict(parse_ablation(a) for a in args.ablation)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.minutes <= 0 or args.threads < 1 or any(m < 0 for m in args.eval_at):
-        parser.error("--minutes must be > 0, --threads >= 1 and --eval-at minutes >= 0")
+    if args.minutes <= 0 or args.threads < 1 or args.jobs < 1 or any(m < 0 for m in args.eval_at):
+        parser.error("--minutes must be > 0, --threads and --jobs >= 1 and --eval-at minutes >= 0")
     return args
 
 
@@ -412,12 +426,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           flush=True)  # fmt: skip
     targets = target_boxes(url, cfg.data.val_split)
     budget, checkpoints = args.minutes * 60, [m * 60 for m in args.eval_at]
-    curves: dict[str, list[dict[str, Any]]] = {}
-    with ThreadPoolExecutor(cfg.data.decode_threads) as pool:
-        for name, c in variants.items():
-            arms = [TNetArm(name, c, url, pool, targets)] + ([BaselineArm("baseline", c, url, side)] if name == "tnet" else [])
-            for arm in arms:
-                curves[arm.name] = train_for(arm, budget, checkpoints, args.eval_limit)
+    arms = [("tnet", "tnet", cfg), ("baseline", "baseline", cfg)] + [("tnet", n, c) for n, c in variants.items() if n != "tnet"]
+    common = (url, side, targets, budget, checkpoints, args.eval_limit, args.threads)
+    if args.jobs == 1:
+        curves = {name: run_arm(kind, name, c, *common) for kind, name, c in arms}
+    else:  # one process per arm, at most --jobs at once: each arm keeps its own cores for its budget
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as procs:
+            futures = {name: procs.submit(run_arm, kind, name, c, *common) for kind, name, c in arms}
+            curves = {name: f.result() for name, f in futures.items()}
     final = {name: curve[-1] for name, curve in curves.items()}
     result: dict[str, Any] = {
         "benchmark": "megapixel_mnist", "mode": "quick" if args.quick else "full",

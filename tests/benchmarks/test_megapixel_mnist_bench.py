@@ -105,3 +105,21 @@ def test_tiny_run_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capt
 
     with pytest.raises(DatasetError, match="another --data"):
         mm.prepare_data(data, {**options, "n_noise": 4}, 64)
+
+
+def test_jobs_train_the_arms_in_processes_of_their_own(tmp_path: Path) -> None:
+    """``--jobs 2`` as a user runs it (a script: spawned processes re-import it by path): every arm trained."""
+    import subprocess
+
+    argv = [*TINY, "--data", str(tmp_path / "data"), "--out-dir", str(tmp_path), "--ablation", "k1=model.locations=[1]",
+            "--jobs", "2", "--json"]  # fmt: skip
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "megapixel_mnist.py"), *argv],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(line["curves"]) == {"tnet", "baseline", "k1"} and line["settings"]["jobs"] == 2
+    for name, curve in line["curves"].items():
+        assert [p["steps"] > 0 for p in curve] == [False, True], name
+    assert line["ablation"]["k1"]["accuracy"] == line["curves"]["k1"][-1]["accuracy"]
+    with pytest.raises(SystemExit):
+        load().parse_args(["--jobs", "0"])
