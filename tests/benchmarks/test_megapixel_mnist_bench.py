@@ -123,3 +123,16 @@ def test_jobs_train_the_arms_in_processes_of_their_own(tmp_path: Path) -> None:
     assert line["ablation"]["k1"]["accuracy"] == line["curves"]["k1"][-1]["accuracy"]
     with pytest.raises(SystemExit):
         load().parse_args(["--jobs", "0"])
+
+
+def test_arms_trains_only_the_named_ones(tmp_path: Path) -> None:
+    """An ablation study without retraining the headline arms: the JSON says which were left out (None)."""
+    mm = load()
+    result = mm.main([*TINY, "--data", str(tmp_path / "data"), "--out-dir", str(tmp_path),
+                      "--ablation", "k1=model.locations=[1]", "--arms", "k1"])  # fmt: skip
+    assert set(result["curves"]) == {"k1"} and set(result["ablation"]) == {"k1"}
+    assert result["test_accuracy"] is None and result["baseline_test_accuracy"] is None
+    assert 0.0 <= result["ablation"]["k1"]["accuracy"] <= 1.0
+    for bad in (["--arms", "k2"], ["--arms", ","], ["--arms", "tnet,nope"]):
+        with pytest.raises(SystemExit):
+            mm.parse_args(bad)
