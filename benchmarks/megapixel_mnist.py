@@ -81,14 +81,12 @@ FULL = {"size": 1500, "n_train": 5000, "n_test": 1000, "n_noise": 50, "minutes":
 QUICK = {"size": 640, "n_train": 1000, "n_test": 200, "n_noise": 9, "minutes": 3.0, "eval_at": "1,2,3",
          "config": str(_ROOT / "configs" / "megapixel_mnist_demo.yaml")}  # fmt: skip
 SIDE_STEP = 16  # baseline input sides are multiples of the backbones' total stride
+# Pyramid tile side. 64 px at 1500 px too: six 165 px cells decoded 11.6% of the pixels with 64 px
+# tiles against 19% with 128 px ones (same config, docs/benchmarks.md).
+TILE = 64
 
 
 # -- data -------------------------------------------------------------------------------------------
-def default_tile(size: int) -> int:
-    """Pyramid tile side: 64 px up to 1024 px canvases (the demo's), else 128 (a 160 px cell touches <= 4)."""
-    return 64 if size <= 1024 else 128
-
-
 def prepare_data(dst: Path, options: dict[str, int], tile: int) -> str:
     """Shard Megapixel MNIST into ``dst`` unless dataset.json there already records these options.
 
@@ -380,7 +378,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key in ("size", "n_train", "n_test", "n_noise", "minutes", "eval_at", "config"):
         if getattr(args, key) is None:
             setattr(args, key, mode[key])
-    args.tile = args.tile or default_tile(args.size)
+    args.tile = args.tile or TILE
     try:
         args.eval_at = sorted({float(m) for m in str(args.eval_at).split(",") if m.strip()})
         args.ablation = dict(parse_ablation(a) for a in args.ablation)
