@@ -74,6 +74,7 @@ from tnet.losses import TNetLoss  # noqa: E402
 from tnet.model import TNet  # noqa: E402
 from tnet.profiling import count_flops  # noqa: E402
 from training.config import JobConfig  # noqa: E402
+from training.evaluation import Example  # noqa: E402
 
 CACHE = _ROOT / "benchmarks" / ".cache"
 FULL = {"size": 1500, "n_train": 5000, "n_test": 1000, "n_noise": 50, "minutes": 60.0, "eval_at": "5,10,30,60",
@@ -84,6 +85,7 @@ SIDE_STEP = 16  # baseline input sides are multiples of the backbones' total str
 # Pyramid tile side. 64 px at 1500 px too: six 165 px cells decoded 11.6% of the pixels with 64 px
 # tiles against 19% with 128 px ones (same config, docs/benchmarks.md).
 TILE = 64
+PICTURES = 6  # test images drawn with each TNet arm's attention at its last checkpoint
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -212,6 +214,8 @@ class TNetArm(Arm):
         torch.manual_seed(cfg.train.seed)
         super().__init__(name, cfg, url, cfg.model.base_size, TNet(cfg.model))
         self.loss, self.executor, self.targets = TNetLoss(cfg.loss), executor, targets
+        self.examples: list[tuple[Example, np.ndarray]] = []  # the last evaluation's first images, with
+        # their target digits' boxes normalised to the view, for attention pictures
 
     def step(self, batch: Batch) -> tuple[float, int]:
         self.model.train()
@@ -227,6 +231,7 @@ class TNetArm(Arm):
     def evaluate(self, split: str, limit: int | None) -> dict[str, float]:
         seen = decoded = full = hit = targets = 0
         correct: list[int] = []
+        self.examples = []
         for batch in self._eval_batches(split, limit):
             if len(batch) == 0:
                 continue
@@ -240,11 +245,45 @@ class TNetArm(Arm):
                 digits = self.targets.get(key, np.zeros((0, 4)))
                 targets += len(digits)
                 hit += digits_inside(attended[i], digits) if attended is not None else 0
+                if len(self.examples) < PICTURES:
+                    self.examples.append((example(batch, out, i), digits / np.tile(batch.views[i].box[2:], 2)))
             seen, decoded, full = seen + len(batch), decoded + source.decoded_pixels(), full + batch.full_pixels
         row = {"accuracy": correct[-1] / max(seen, 1) if correct else 0.0, "images": seen,
                "decoded_pixel_fraction": decoded / max(full, 1), "target_digit_hit_rate": hit / max(targets, 1)}  # fmt: skip
         row |= {f"acc_level{i}": c / max(seen, 1) for i, c in enumerate(correct)}
         return row
+
+
+def example(batch: Batch, out: Any, i: int) -> Example:
+    """Image ``i`` of an evaluated batch as training/pictures.py draws it (base view, attended boxes)."""
+    base = ((batch.base_views[i, 0].numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    return Example(key=batch.keys[i], label=int(batch.labels[i]), prediction=int(out.logits[i].argmax()),
+                   base_view=base, boxes=[s.boxes[i].tolist() for s in out.selections],
+                   scores=[s.log_probs[i].exp().tolist() for s in out.selections])  # fmt: skip
+
+
+def attention_pictures(examples: list[tuple[Example, np.ndarray]], num_classes: int, path: Path, columns: int = 3) -> Path:
+    """One PNG: each image's base view with the attended cells (training/pictures.py colours, with
+    their probabilities) and the target digits' boxes in cyan, so a reader sees which were found."""
+    from PIL import Image, ImageDraw
+
+    from training.pictures import overlay
+
+    tiles = []
+    for ex, digits in examples:
+        img = overlay(ex, [str(c) for c in range(num_classes)], scale=3)
+        draw = ImageDraw.Draw(img)
+        for box in digits:
+            x0, y0, x1, y1 = (float(v) * (img.width - 1) for v in box)
+            draw.rectangle([x0 - 1, y0 - 1, x1 + 1, y1 + 1], outline=(0, 255, 255), width=1)
+        tiles.append(img)
+    side, rows = tiles[0].width, -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (side * min(columns, len(tiles)), side * rows), (255, 255, 255))
+    for n, img in enumerate(tiles):
+        sheet.paste(img, ((n % columns) * side, (n // columns) * side))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
 
 
 class BaselineArm(Arm):
@@ -323,12 +362,21 @@ def train_for(arm: TNetArm | BaselineArm, budget_s: float, checkpoints_s: list[f
 
 
 def run_arm(kind: str, name: str, cfg: JobConfig, url: str, side: int, targets: dict[str, np.ndarray], budget_s: float,
-            checkpoints_s: list[float], limit: int | None, threads: int) -> list[dict[str, Any]]:  # fmt: skip
-    """Build one arm (``kind`` "tnet" or "baseline") and train it; top level so a spawned process can run it."""
+            checkpoints_s: list[float], limit: int | None, threads: int, pictures: Path) -> list[dict[str, Any]]:  # fmt: skip
+    """Build one arm (``kind`` "tnet" or "baseline") and train it; top level so a spawned process can run it.
+
+    A TNet arm also draws its attention on the first test images at the last checkpoint into
+    ``pictures`` with the arm's name inserted (``x.png`` -> ``x.tnet.attention.png``); the last
+    curve point names the file.
+    """
     torch.set_num_threads(threads)
     with ThreadPoolExecutor(cfg.data.decode_threads) as pool:
         arm = TNetArm(name, cfg, url, pool, targets) if kind == "tnet" else BaselineArm(name, cfg, url, side)
-        return train_for(arm, budget_s, checkpoints_s, limit)
+        curve = train_for(arm, budget_s, checkpoints_s, limit)
+    if isinstance(arm, TNetArm) and arm.examples:
+        path = attention_pictures(arm.examples, cfg.model.num_classes, pictures.with_suffix(f".{name}.attention.png"))
+        curve[-1]["attention_png"] = path.name
+    return curve
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -435,7 +483,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budget, checkpoints = args.minutes * 60, [m * 60 for m in args.eval_at]
     arms = [("tnet", "tnet", cfg), ("baseline", "baseline", cfg)] + [("tnet", n, c) for n, c in variants.items() if n != "tnet"]
     arms = [a for a in arms if args.arms is None or a[1] in args.arms]
-    common = (url, side, targets, budget, checkpoints, args.eval_limit, args.threads)
+    path = result_path("megapixel_mnist", args.quick, "json", args.out_dir)
+    common = (url, side, targets, budget, checkpoints, args.eval_limit, args.threads, path.with_suffix(".png"))
     if args.jobs == 1:
         curves = {name: run_arm(kind, name, c, *common) for kind, name, c in arms}
     else:  # one process per arm, at most --jobs at once: each arm keeps its own cores for its budget
@@ -464,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_avg_before": load_before, "load_avg_after": load_avg(),
     }  # fmt: skip
     result["versions"] = {k: result["machine"][k] for k in ("python", "torch", "torchvision", "pillow", "numpy")}
-    path = write_json(result, result_path("megapixel_mnist", args.quick, "json", args.out_dir))
+    path = write_json(result, path)
     title = (f"Megapixel MNIST {args.size} px, {args.minutes:g} min each: TNet {flops['tnet'] / 1e9:.3f} GFLOPs, "
              f"whole-image {side} px {base_flops / 1e9:.3f} GFLOPs")  # fmt: skip
     result["plot"] = str(plot(path.with_suffix(".png"), curves, title))

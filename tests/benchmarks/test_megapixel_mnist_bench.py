@@ -96,6 +96,14 @@ def test_tiny_run_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capt
     assert ablation["overrides"] == ["model.locations=[1]"] and ablation["options"]["model"]["locations"] == [1]
     assert ablation["gflops"] < flops["tnet_gflops"]
     assert (tmp_path / "megapixel_mnist.json").exists() and (tmp_path / "megapixel_mnist.png").exists()
+    for name in ("tnet", "k1"):  # attention pictures of every TNet arm, named in its last curve point
+        picture = tmp_path / line["curves"][name][-1]["attention_png"]
+        assert picture.name == f"megapixel_mnist.{name}.attention.png"
+        from PIL import Image
+
+        with Image.open(picture) as img:  # 6 test images, 3 per row, each the 64 px base view x 3
+            assert img.size == (3 * 192, 2 * 192)
+    assert "attention_png" not in line["curves"]["baseline"][-1]
 
     stamp = (data / "dataset.json").stat().st_mtime_ns
     options = {"size": 256, "n_train": 16, "n_test": 8, "n_noise": 3}
