@@ -23,7 +23,8 @@ BENCHMARKS = [
     ("lazy_vs_full.py", ["--quick", "--json"], ["--json"]),
     ("loader.py", ["--quick", "--json"], ["--json"]),
     ("accuracy_complexity.py", ["--quick", "--json"], ["--json"]),
-    ("megapixel_mnist.py", ["--quick", "--json"], ["--json"]),  # quick ~8 min; full about 2 h + sharding
+    # quick ~7 min; full: TNet and the baseline at once, one core each, 60 min + ~5 min sharding and evaluation
+    ("megapixel_mnist.py", ["--quick", "--json"], ["--jobs", "2", "--threads", "1", "--json"]),
 ]
 
 
