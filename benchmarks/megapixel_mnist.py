@@ -33,8 +33,10 @@ JSON then holds None for the figures of the arms left out).
 Every model gets ``--minutes`` of training (wall clock of its loop: loading, forward, backward,
 step). At each ``--eval-at`` checkpoint the clock stops and the model is evaluated on the whole
 test split (whole views, deterministic top-k): accuracy, the decoded-pixel fraction, and for TNet
-the fraction of target digits lying whole inside an attended region of the last level. The
-learning rate drops by ``train.lr_decay`` once ``train.lr_decay_at`` of the budget has passed.
+the fraction of target digits lying whole inside an attended region of the last level; TNet's
+points also hold that fraction over the training steps since the previous checkpoint
+(``train_target_digit_hit_rate``: the cells the patch classifier was trained on, exploration
+included, which can differ much from what top-k attends at evaluation). The learning rate drops by ``train.lr_decay`` once ``train.lr_decay_at`` of the budget has passed.
 
 Results: benchmarks/results/megapixel_mnist[.quick].json and .png (accuracy against training
 minutes); with --json the last printed line is the JSON object.
@@ -198,6 +200,10 @@ class Arm:
                           train=train and d.augment, flip=d.flip, colour_jitter=d.colour_jitter,
                           shuffle_buffer=d.shuffle_buffer)  # fmt: skip
 
+    def window_metrics(self) -> dict[str, float]:
+        """Training figures gathered since the previous checkpoint (then reset); none by default."""
+        return {}
+
     def set_lr(self, lr: float) -> None:
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -216,16 +222,29 @@ class TNetArm(Arm):
         self.loss, self.executor, self.targets = TNetLoss(cfg.loss), executor, targets
         self.examples: list[tuple[Example, np.ndarray]] = []  # the last evaluation's first images, with
         # their target digits' boxes normalised to the view, for attention pictures
+        self.train_hits = self.train_targets = 0  # target digits inside the cells trained on
 
     def step(self, batch: Batch) -> tuple[float, int]:
         self.model.train()
         source = batch.region_source(self.cfg.model.in_chans, self.executor, self.cfg.model.antialias)
-        terms = self.loss(self.model(source), batch.labels)
+        out = self.model(source)
+        terms = self.loss(out, batch.labels)
         self.opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         self.opt.step()
         self.loss.update_baseline(terms)
+        if out.selections:  # what the patch classifier is shown (exploration included), not what top-k picks
+            attended = out.selections[-1].source_boxes.double().numpy()
+            for i, key in enumerate(batch.keys):
+                digits = self.targets.get(key, np.zeros((0, 4)))
+                self.train_targets += len(digits)
+                self.train_hits += digits_inside(attended[i], digits)
         return float(terms["total"].detach()), source.decoded_pixels()
+
+    def window_metrics(self) -> dict[str, float]:
+        hits, total = self.train_hits, self.train_targets
+        self.train_hits = self.train_targets = 0
+        return {"train_target_digit_hit_rate": hits / total} if total else {}
 
     @torch.no_grad()
     def evaluate(self, split: str, limit: int | None) -> dict[str, float]:
@@ -331,7 +350,7 @@ def train_for(arm: TNetArm | BaselineArm, budget_s: float, checkpoints_s: list[f
                 pending = pending[len(crossed):]
                 t0 = time.perf_counter()
                 row = arm.evaluate(cfg.data.val_split, limit)
-                row |= {"checkpoint_minutes": crossed[-1] / 60, "minutes": clock / 60, "steps": steps,
+                row |= arm.window_metrics() | {"checkpoint_minutes": crossed[-1] / 60, "minutes": clock / 60, "steps": steps,
                         "train_images": images, "epochs": images / max(n_train, 1),
                         "train_images_per_s": images / max(clock, 1e-9),
                         "train_decoded_pixel_fraction": decoded / max(full, 1),
@@ -341,7 +360,8 @@ def train_for(arm: TNetArm | BaselineArm, budget_s: float, checkpoints_s: list[f
                 losses = []
                 print(f"{arm.name}: {clock / 60:.2f} min, {steps} steps ({row['epochs']:.2f} epochs): test accuracy "
                       f"{row['accuracy']:.4f}, decoded {row['decoded_pixel_fraction']:.1%}"
-                      + (f", target digits attended {row['target_digit_hit_rate']:.1%}" if "target_digit_hit_rate" in row else ""),
+                      + (f", target digits attended {row['target_digit_hit_rate']:.1%}" if "target_digit_hit_rate" in row else "")
+                      + (f" (in training {row['train_target_digit_hit_rate']:.1%})" if "train_target_digit_hit_rate" in row else ""),
                       flush=True)  # fmt: skip
                 continue
             t0 = time.perf_counter()
@@ -479,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         side, base_flops = match_side(cfg, flops["tnet"], args.size)
     print(f"TNet {flops['tnet'] / 1e9:.4f} GFLOPs/image; baseline at {side} px {base_flops / 1e9:.4f} GFLOPs/image",
           flush=True)  # fmt: skip
-    targets = target_boxes(url, cfg.data.val_split)
+    targets = target_boxes(url, cfg.data.val_split) | target_boxes(url, cfg.data.train_split)  # keys hold the split
     budget, checkpoints = args.minutes * 60, [m * 60 for m in args.eval_at]
     arms = [("tnet", "tnet", cfg), ("baseline", "baseline", cfg)] + [("tnet", n, c) for n, c in variants.items() if n != "tnet"]
     arms = [a for a in arms if args.arms is None or a[1] in args.arms]

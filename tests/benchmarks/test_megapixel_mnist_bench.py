@@ -89,6 +89,10 @@ def test_tiny_run_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capt
         assert [p["steps"] > 0 for p in curve] == [False, True], name
         assert all(0.0 <= p["accuracy"] <= 1.0 and p["images"] == 8 for p in curve), name
     assert 0.0 <= line["target_digit_hit_rate"] <= 1.0 and line["decoded_pixel_fraction"] > 0.0
+    # training keys are found too (one dict for both splits): the trained-on cells are scored
+    assert 0.0 <= line["curves"]["tnet"][-1]["train_target_digit_hit_rate"] <= 1.0
+    assert "train_target_digit_hit_rate" not in line["curves"]["tnet"][0]  # untrained: no steps yet
+    assert "train_target_digit_hit_rate" not in line["curves"]["baseline"][-1]
     flops = line["flops"]
     assert 1 / 1.2 <= flops["baseline_gflops"] / flops["tnet_gflops"] <= 1.2, flops
     assert flops["baseline_input_size"] % 16 == 0
