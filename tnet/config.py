@@ -41,6 +41,11 @@ class TNetConfig:
     # Multiplies log p before the Gumbel noise. L2-normalised logits keep log p within 2 nats, so
     # at 1 the noise drowns what the module has learnt; 4 let the synthetic test learn (tests/tnet).
     explore_scale: float = 1.0
+    # With "gumbel": the first explore_keep of each region's k cells are the module's own top
+    # choices (what evaluation picks), the others sampled. Measured at 1500 px: fully sampled
+    # training cells held 5% of the target digits while top-k held 36%, so the patch classifier
+    # trained on near-random cells and never learnt the digits (docs/benchmarks.md).
+    explore_keep: int = 0
     # Cold start: the location module also predicts class logits per cell, trained by the MIL loss
     # (LossConfig.mil_weight) from the image label alone, so its scores learn where class evidence
     # is before the patch classifier can read anything.
@@ -77,6 +82,8 @@ class TNetConfig:
             raise ValueError(f"pos_channels={self.pos_channels}: must be >= 6 (sin and cos of y, x, level)")
         if self.explore not in ("none", "gumbel"):
             raise ValueError(f"explore={self.explore!r}: must be 'none' or 'gumbel'")
+        if not 0 <= self.explore_keep <= min(self.locations, default=0):
+            raise ValueError(f"explore_keep={self.explore_keep}: must be in 0..min(locations)={min(self.locations, default=0)}")
         if self.explore_scale <= 0:
             raise ValueError(f"explore_scale={self.explore_scale}: must be > 0")
         if self.loc_temperature <= 0:

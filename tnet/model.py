@@ -123,9 +123,12 @@ class TNet(nn.Module):
     def choose(self, logp: Tensor, k: int) -> Tensor:
         """Deterministic top-k (the paper's rule), or Gumbel top-k sampling while training."""
         if self.training and self.cfg.explore == "gumbel":
+            keep = min(self.cfg.explore_keep, k)
+            top = logp.topk(keep, dim=-1).indices  # (R, keep): the module's own choices stay
             uniform = torch.rand_like(logp).clamp_(1e-9, 1 - 1e-9)
-            gumbel = -torch.log(-torch.log(uniform))
-            return (logp * self.cfg.explore_scale + gumbel).topk(k, dim=-1).indices
+            keys = logp * self.cfg.explore_scale - torch.log(-torch.log(uniform))
+            keys = keys.scatter(1, top, float("-inf"))  # the rest: k - keep other cells, sampled
+            return torch.cat([top, keys.topk(k - keep, dim=-1).indices], dim=-1)
         return logp.topk(k, dim=-1).indices  # (R, k)
 
     # -- forward --------------------------------------------------------------------------------

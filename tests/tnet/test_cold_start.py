@@ -141,3 +141,28 @@ def test_recalibrated_norms_hold_each_levels_statistics_of_the_passes():
     for name, value in model.state_dict().items():
         if name in weights:
             assert torch.equal(value, weights[name]), name  # only statistics change
+
+
+def test_explore_keep_trains_on_the_modules_own_top_cells_and_samples_the_rest():
+    model = TNet(dataclasses.replace(CFG, grid=4, locations=(3, 2), explore="gumbel", explore_keep=2))
+    g = torch.Generator().manual_seed(3)
+    logp = torch.randn(64, 16, generator=g).log_softmax(-1)
+    top = logp.topk(3, dim=-1).indices
+    model.eval()
+    assert torch.equal(model.choose(logp, 3), top)  # evaluation: the paper's top-k
+    model.train()
+    torch.manual_seed(0)
+    chosen = model.choose(logp, 3)
+    assert torch.equal(chosen[:, :2], top[:, :2])  # the kept ones are the module's best two
+    assert all(len(set(row.tolist())) == 3 for row in chosen)  # the sampled one is another cell
+    assert not torch.equal(chosen[:, 2], top[:, 2])  # and sampled: not the third best every time
+    assert torch.equal(model.choose(logp, 2), top[:, :2])  # k at or below keep: nothing sampled
+    # explore_keep 0 is plain Gumbel top-k sampling, draw for draw
+    plain = TNet(dataclasses.replace(CFG, grid=4, locations=(3, 2), explore="gumbel", explore_scale=4.0)).train()
+    torch.manual_seed(1)
+    got = plain.choose(logp, 3)
+    torch.manual_seed(1)
+    u = torch.rand_like(logp).clamp_(1e-9, 1 - 1e-9)
+    assert torch.equal(got, (logp * 4.0 - torch.log(-torch.log(u))).topk(3, dim=-1).indices)
+    with pytest.raises(ValueError, match="explore_keep"):
+        dataclasses.replace(CFG, explore="gumbel", explore_keep=3)  # above min(locations) = 2
