@@ -36,7 +36,8 @@ test split (whole views, deterministic top-k): accuracy, the decoded-pixel fract
 the fraction of target digits lying whole inside an attended region of the last level; TNet's
 points also hold that fraction over the training steps since the previous checkpoint
 (``train_target_digit_hit_rate``: the cells the patch classifier was trained on, exploration
-included, which can differ much from what top-k attends at evaluation). The learning rate drops by ``train.lr_decay`` once ``train.lr_decay_at`` of the budget has passed.
+included, which can differ much from what top-k attends at evaluation). The learning rate drops
+by ``train.lr_decay`` once ``train.lr_decay_at`` of the budget has passed.
 
 Results: benchmarks/results/megapixel_mnist[.quick].json and .png (accuracy against training
 minutes); with --json the last printed line is the JSON object.
@@ -76,7 +77,7 @@ from tnet.losses import TNetLoss  # noqa: E402
 from tnet.model import TNet  # noqa: E402
 from tnet.profiling import count_flops  # noqa: E402
 from training.config import JobConfig  # noqa: E402
-from training.evaluation import Example  # noqa: E402
+from training.evaluation import Example, example_of  # noqa: E402
 
 CACHE = _ROOT / "benchmarks" / ".cache"
 FULL = {"size": 1500, "n_train": 5000, "n_test": 1000, "n_noise": 50, "minutes": 60.0, "eval_at": "5,10,30,60",
@@ -234,12 +235,19 @@ class TNetArm(Arm):
         self.opt.step()
         self.loss.update_baseline(terms)
         if out.selections:  # what the patch classifier is shown (exploration included), not what top-k picks
-            attended = out.selections[-1].source_boxes.double().numpy()
-            for i, key in enumerate(batch.keys):
-                digits = self.targets.get(key, np.zeros((0, 4)))
-                self.train_targets += len(digits)
-                self.train_hits += digits_inside(attended[i], digits)
+            hits, targets = self.hits(batch, out)
+            self.train_hits, self.train_targets = self.train_hits + hits, self.train_targets + targets
         return float(terms["total"].detach()), source.decoded_pixels()
+
+    def digits(self, key: str) -> np.ndarray:
+        return self.targets.get(key, np.zeros((0, 4)))
+
+    def hits(self, batch: Batch, out: Any) -> tuple[int, int]:
+        """(target digits lying whole inside an attended region of the last level, target digits)."""
+        attended = out.selections[-1].source_boxes.double().numpy() if out.selections else None
+        digits = [self.digits(key) for key in batch.keys]
+        hit = sum(digits_inside(a, d) for a, d in zip(attended, digits)) if attended is not None else 0
+        return hit, sum(len(d) for d in digits)
 
     def window_metrics(self) -> dict[str, float]:
         hits, total = self.train_hits, self.train_targets
@@ -259,26 +267,15 @@ class TNetArm(Arm):
             correct = correct or [0] * len(out.level_logits)
             for level, lg in enumerate(out.level_logits):
                 correct[level] += int((lg.argmax(-1) == batch.labels).sum())
-            attended = out.selections[-1].source_boxes.double().numpy() if out.selections else None
-            for i, key in enumerate(batch.keys):
-                digits = self.targets.get(key, np.zeros((0, 4)))
-                targets += len(digits)
-                hit += digits_inside(attended[i], digits) if attended is not None else 0
-                if len(self.examples) < PICTURES:
-                    self.examples.append((example(batch, out, i), digits / np.tile(batch.views[i].box[2:], 2)))
+            batch_hits, batch_targets = self.hits(batch, out)
+            hit, targets = hit + batch_hits, targets + batch_targets
+            self.examples += [(example_of(batch, out, i), self.digits(batch.keys[i]) / np.tile(batch.views[i].box[2:], 2))
+                              for i in range(min(len(batch), PICTURES - len(self.examples)))]  # fmt: skip
             seen, decoded, full = seen + len(batch), decoded + source.decoded_pixels(), full + batch.full_pixels
         row = {"accuracy": correct[-1] / max(seen, 1) if correct else 0.0, "images": seen,
                "decoded_pixel_fraction": decoded / max(full, 1), "target_digit_hit_rate": hit / max(targets, 1)}  # fmt: skip
         row |= {f"acc_level{i}": c / max(seen, 1) for i, c in enumerate(correct)}
         return row
-
-
-def example(batch: Batch, out: Any, i: int) -> Example:
-    """Image ``i`` of an evaluated batch as training/pictures.py draws it (base view, attended boxes)."""
-    base = ((batch.base_views[i, 0].numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-    return Example(key=batch.keys[i], label=int(batch.labels[i]), prediction=int(out.logits[i].argmax()),
-                   base_view=base, boxes=[s.boxes[i].tolist() for s in out.selections],
-                   scores=[s.log_probs[i].exp().tolist() for s in out.selections])  # fmt: skip
 
 
 def attention_pictures(examples: list[tuple[Example, np.ndarray]], num_classes: int, path: Path, columns: int = 3) -> Path:

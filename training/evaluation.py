@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.loader import StreamSpec, make_loader, split_shards
-from tnet.model import TNet
+from pipeline.loader import Batch, StreamSpec, make_loader, split_shards
+from tnet.model import TNet, TNetOutput
 from training.config import JobConfig
 
 
@@ -25,6 +25,17 @@ class Example:
     base_view: np.ndarray  # (b, b) or (b, b, 3) uint8
     boxes: list[list[list[float]]]  # per level: attended boxes in normalised view coordinates
     scores: list[list[float]]
+
+
+def example_of(batch: Batch, out: TNetOutput, i: int) -> Example:
+    """Image ``i`` of a batch TNet has just classified, kept for attention pictures."""
+    base = ((batch.base_views[i].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    return Example(
+        key=batch.keys[i], label=int(batch.labels[i]), prediction=int(out.logits[i].argmax()),
+        base_view=base[..., 0] if base.shape[-1] == 1 else base,
+        boxes=[s.boxes[i].cpu().tolist() for s in out.selections],
+        scores=[s.log_probs[i].exp().cpu().tolist() for s in out.selections],
+    )
 
 
 @dataclass
@@ -87,16 +98,7 @@ def evaluate_loader(model: TNet, cfg: JobConfig, split: str, executor: Executor 
         result.decoded += source.decoded_pixels()
         result.full += batch.full_pixels
         result.features_per_image = out.features_per_image
-        for i in range(len(batch)):
-            if len(result.examples) >= keep_examples:
-                break
-            base = ((batch.base_views[i].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-            result.examples.append(Example(
-                key=batch.keys[i], label=int(labels[i]), prediction=int(preds[i]),
-                base_view=base[..., 0] if base.shape[-1] == 1 else base,
-                boxes=[s.boxes[i].cpu().tolist() for s in out.selections],
-                scores=[s.log_probs[i].exp().cpu().tolist() for s in out.selections],
-            ))
+        result.examples += [example_of(batch, out, i) for i in range(min(len(batch), keep_examples - len(result.examples)))]
     result.seconds = time.monotonic() - t0
     result.confusion = confusion
     return result
