@@ -2,9 +2,10 @@
 
 ``Image.open(...).load()`` walks every JPEG marker in Python (quantisation tables element by
 element) before the C decoder runs. For the small tiles TNet reads (64 px grey on Megapixel
-MNIST) that walk costs more than the decode itself (docs/benchmarks.md, the loader section). Here a strict marker walk reads only the frame header, checks it against
-the size and mode the pyramid's IFD declares, and hands the bytes to the same libjpeg decoder
-Pillow uses, so the pixels are Pillow's to the bit.
+MNIST) that walk costs more than the decode itself (docs/benchmarks.md, the loader section).
+Here a strict marker walk reads only the frame header, checks it against the size and mode the
+pyramid's IFD declares, and hands the bytes to the same libjpeg decoder Pillow uses, so the
+pixels are Pillow's to the bit.
 
 Safety: the C decoder writes into an image of the size we give it. Pillow's plugin guarantees that
 size equals the frame's; here ``jpeg_frame`` does, and it is stricter than both Pillow and libjpeg

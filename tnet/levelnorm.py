@@ -67,10 +67,11 @@ def recalibrating_norms(model: nn.Module) -> Iterator[None]:
     Why: evaluation normalises with running averages (momentum 0.1) of batch statistics gathered
     while the weights moved. Early in training the weights move fast, so the averages describe
     weights of many steps ago, and evaluation is worse than the weights ("precise BN"; measured
-    on Megapixel MNIST's patch classifier in docs/benchmarks.md, recipe round 3). Inside the block the model is in eval mode (TNet selects its deterministic top-k, dropout
-    is off) except the norms, which average the batch statistics of every pass equally
-    (``momentum=None``); TNet's per-level statistics are recomputed per level. Run it under
-    ``torch.no_grad()`` on a few hundred training samples; weights are untouched.
+    on Megapixel MNIST's patch classifier in docs/benchmarks.md, recipe round 3). Inside the block
+    the model is in eval mode (TNet selects its deterministic top-k, dropout is off) except the
+    norms, which average the batch statistics of every pass equally (``momentum=None``); TNet's
+    per-level statistics are recomputed per level. Run it under ``torch.no_grad()`` on a few
+    hundred training samples; weights are untouched.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     momenta = [m.momentum for m in norms]
