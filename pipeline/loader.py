@@ -60,7 +60,8 @@ class StreamSpec:
     world: int = 1
     epoch: int = 0
     seed: int = 0
-    train: bool = True  # augment (random view) and shuffle
+    train: bool = True  # shuffle (sample order per epoch); with ``augment``, random views too
+    augment: bool = True  # with train: random crop, plus flip and jitter as below; False: the whole view
     flip: bool = True
     colour_jitter: bool = True
     shuffle_buffer: int = 128
@@ -215,7 +216,7 @@ class ShardStream(IterableDataset):
         try:
             f = ref.open(counter, record=True, where=f"{key} in {ref.url}/{ref.shard}")
             reader = PyramidReader(f, where=key, max_pixels=spec.max_pixels, defer_index=True)
-            meta = read_json_member(ref, key, counter) if spec.train else {}
+            meta = read_json_member(ref, key, counter) if spec.train and spec.augment else {}
             prepared = self._base_view(key, label, reader, meta, rng)
             if isinstance(prepared, PipelineError):
                 return prepared
@@ -239,7 +240,7 @@ class ShardStream(IterableDataset):
         """The sample's view (random crop/flip/jitter in training, else whole) and its base pixels."""
         spec = self.spec
         objects = [b["box"] for b in meta.get("meta", {}).get("boxes", []) if "box" in b]
-        if spec.train:
+        if spec.train and spec.augment:
             view = random_view(reader.width, reader.height, rng, spec.flip, spec.colour_jitter,
                                objects=objects or None)
         else:

@@ -95,7 +95,7 @@ def epoch_spec(cfg: JobConfig, shards: list[tuple[str, int]], quota: int, rank: 
     return StreamSpec(
         url=cfg.data.url, split=cfg.data.train_split, shards=tuple(s for s, _ in shards),
         base_size=cfg.model.base_size, channels=cfg.model.in_chans, quota=quota, rank=rank, world=world,
-        epoch=epoch, seed=cfg.train.seed, train=cfg.data.augment, flip=cfg.data.flip,
+        epoch=epoch, seed=cfg.train.seed, augment=cfg.data.augment, flip=cfg.data.flip,
         colour_jitter=cfg.data.colour_jitter, shuffle_buffer=cfg.data.shuffle_buffer,
         storage_options=dict(cfg.data.storage_options), access=cfg.data.access,
     )

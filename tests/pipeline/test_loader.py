@@ -163,3 +163,24 @@ def test_truncated_shard_is_reported_with_its_url(dataset: Path, tmp_path: Path)
 def test_split_without_samples_names_the_url(dataset: Path) -> None:
     with pytest.raises(PipelineError, match=rf"{dataset}.*'validation' has no samples"):
         split_shards(str(dataset), "validation")
+
+
+def test_training_without_augmentation_still_shuffles(dataset: Path) -> None:
+    """``augment=False`` (Megapixel MNIST: a crop can cut a target digit off) keeps whole views but
+    not a fixed sample order: the shuffle buffer still mixes samples within and across shards."""
+    n = len(manifest_keys(dataset, "train"))
+
+    def order(**changes: object) -> tuple[list[str], list[Batch]]:
+        batches = run_rank(spec_for(dataset, "train", 0, n, world=1, shuffle_buffer=8, **changes), None, workers=0)
+        return [k for b in batches for k in b.keys], batches
+
+    plain, _ = order(train=False)
+    orders = {tuple(order(train=True, augment=False, epoch=e, flip=True)[0]) for e in range(3)}
+    assert len(orders) == 3 and tuple(plain) not in orders  # a different order every epoch
+    assert all(sorted(o) == sorted(plain) for o in orders)  # the same samples
+    _, batches = order(train=True, augment=False, flip=True)
+    for b in batches:  # whole, unflipped views
+        for view in b.views:
+            assert view.box[0] == view.box[1] == 0.0 and not view.flip
+    augmented = [v for b in order(train=True, epoch=0)[1] for v in b.views]
+    assert any(v.box[0] > 0 or v.box[1] > 0 for v in augmented)  # augmentation on: random crops

@@ -163,7 +163,7 @@ def corrupted(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     cfg = tiny_job(root, root.parent)
     spec = StreamSpec(url=str(root), split="train", shards=tuple(shards), base_size=cfg.model.base_size,
                       channels=cfg.model.in_chans, quota=len(train_keys(root)), seed=cfg.train.seed,
-                      train=cfg.data.augment, flip=cfg.data.flip, colour_jitter=cfg.data.colour_jitter,
+                      augment=cfg.data.augment, flip=cfg.data.flip, colour_jitter=cfg.data.colour_jitter,
                       shuffle_buffer=cfg.data.shuffle_buffer)
     errors = sorted(str(i) for i in ShardStream(spec) if isinstance(i, PipelineError))
     with tarfile.open(root / victim) as tar:
