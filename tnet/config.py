@@ -46,6 +46,14 @@ class TNetConfig:
     # training cells held 5% of the target digits while top-k held 36%, so the patch classifier
     # trained on near-random cells and never learnt the digits (docs/benchmarks.md).
     explore_keep: int = 0
+    # Anneal toward the paper's top-k: explore_scale grows geometrically to explore_scale_end over
+    # the first explore_anneal_images training images (counted per process; the count is a buffer,
+    # so it resumes with the checkpoint). L2-normalised scores span 2 nats, so at a fixed scale of 4
+    # the Gumbel noise keeps choosing near-random cells however well the module ranks them; a
+    # growing scale lets the cells the patch classifier trains on follow the module once it has
+    # taken off. None = a constant scale.
+    explore_scale_end: float | None = None
+    explore_anneal_images: int = 0
     # Cold start: the location module also predicts class logits per cell, trained by the MIL loss
     # (LossConfig.mil_weight) from the image label alone, so its scores learn where class evidence
     # is before the patch classifier can read anything.
@@ -86,6 +94,13 @@ class TNetConfig:
             raise ValueError(f"explore_keep={self.explore_keep}: must be in 0..min(locations)={min(self.locations, default=0)}")
         if self.explore_scale <= 0:
             raise ValueError(f"explore_scale={self.explore_scale}: must be > 0")
+        if self.explore_scale_end is not None:
+            if self.explore != "gumbel":
+                raise ValueError(f"explore_scale_end={self.explore_scale_end}: needs explore='gumbel'")
+            if self.explore_scale_end <= 0:
+                raise ValueError(f"explore_scale_end={self.explore_scale_end}: must be > 0")
+            if self.explore_anneal_images < 1:
+                raise ValueError(f"explore_anneal_images={self.explore_anneal_images}: must be >= 1 with explore_scale_end")
         if self.loc_temperature <= 0:
             raise ValueError(f"loc_temperature={self.loc_temperature}: must be > 0")
         level_grids(self.input_size, self.levels, self.grid, self.overlap)  # raises on bad geometry
@@ -94,6 +109,13 @@ class TNetConfig:
     def region_size(self) -> int:
         """Side at which attended regions are read (``patch_size``, else ``base_size``)."""
         return self.base_size if self.patch_size is None else self.patch_size
+
+    def explore_scale_at(self, images: int) -> float:
+        """Exploration scale after ``images`` training images (geometric from start to end)."""
+        if self.explore_scale_end is None:
+            return self.explore_scale
+        done = min(max(images, 0) / self.explore_anneal_images, 1.0)
+        return self.explore_scale * (self.explore_scale_end / self.explore_scale) ** done
 
     @property
     def features_per_image(self) -> int:

@@ -77,6 +77,8 @@ class TNet(nn.Module):
         self.classifier = nn.Linear(dim, cfg.num_classes)
         self.feature_heads = nn.ModuleList(nn.Linear(dim, cfg.num_classes) for _ in range(cfg.levels))
         self.level_norms = LevelNormStats(self.backbone, cfg.levels) if cfg.level_norm_stats else None
+        if cfg.explore_scale_end is not None:  # training images seen, for the exploration anneal
+            self.register_buffer("explore_images", torch.zeros((), dtype=torch.long))
         self.grids = level_grids(cfg.input_size, cfg.levels, cfg.grid, cfg.overlap)
         for i, grid in enumerate(self.grids):
             offsets = torch.tensor([grid.cell_offset(c) for c in range(grid.cells)], dtype=torch.float32)
@@ -126,14 +128,36 @@ class TNet(nn.Module):
             keep = min(self.cfg.explore_keep, k)
             top = logp.topk(keep, dim=-1).indices  # (R, keep): the module's own choices stay
             uniform = torch.rand_like(logp).clamp_(1e-9, 1 - 1e-9)
-            keys = logp * self.cfg.explore_scale - torch.log(-torch.log(uniform))
+            keys = logp * self.explore_scale() - torch.log(-torch.log(uniform))
             keys = keys.scatter(1, top, float("-inf"))  # the rest: k - keep other cells, sampled
             return torch.cat([top, keys.topk(k - keep, dim=-1).indices], dim=-1)
         return logp.topk(k, dim=-1).indices  # (R, k)
 
+    @staticmethod
+    def _forced(cells: Sequence[Tensor], level: int, batch: int, regions: int, k: int, n_cells: int) -> Tensor:
+        if len(cells) <= level:
+            raise ValueError(f"cells: {len(cells)} levels given, level {level + 1} needs one")
+        forced = torch.as_tensor(cells[level], dtype=torch.long)
+        if tuple(forced.shape) != (batch, regions, k):
+            raise ValueError(f"cells[{level}]: shape {tuple(forced.shape)}, expected {(batch, regions, k)}")
+        if forced.numel() and not 0 <= int(forced.min()) <= int(forced.max()) < n_cells:
+            raise ValueError(f"cells[{level}]: indices must be in 0..{n_cells - 1}")
+        return forced.reshape(batch * regions, k)
+
+    def explore_scale(self) -> float:
+        """The current exploration scale (constant unless ``explore_scale_end`` is set)."""
+        seen = getattr(self, "explore_images", None)
+        return self.cfg.explore_scale_at(0 if seen is None else int(seen))
+
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, source: RegionSource | Tensor, locations: Sequence[int] | None = None) -> TNetOutput:
-        """Classify a batch; ``locations`` overrides k per level without retraining."""
+    def forward(
+        self, source: RegionSource | Tensor, locations: Sequence[int] | None = None, cells: Sequence[Tensor] | None = None
+    ) -> TNetOutput:
+        """Classify a batch; ``locations`` overrides k per level without retraining.
+
+        ``cells`` (diagnostics: oracle cells, replaying a selection) gives, per attended level, the
+        (B, R, k) cell indices to read instead of the module's choice; its scores still come out.
+        """
         if isinstance(source, Tensor):
             source = TensorRegionSource(source, antialias=self.cfg.antialias)
         cfg = self.cfg
@@ -154,6 +178,8 @@ class TNet(nn.Module):
         for level, (grid, k) in enumerate(zip(self.grids, locs)):
             regions = boxes.shape[1]
             logits, cell_logits, logp, chosen = self.select(level, fmap, feats, k)  # (B*R, NN), (B*R, NN), (B*R, k)
+            if cells is not None:
+                chosen = self._forced(cells, level, batch, regions, k, grid.cells).to(chosen.device)
             offsets = getattr(self, f"offsets_{level}")[chosen]  # (B*R, k, 2)
             origin = boxes.reshape(-1, 4)[:, None, :2]  # (B*R, 1, 2)
             top_left = origin + offsets
@@ -180,6 +206,8 @@ class TNet(nn.Module):
             feats, fmap = self.encode(patches.flatten(0, 1), pos.flatten(0, 1), level + 1)
             level_feats.append(feats.view(batch, regions * k, -1))
 
+        if self.training and torch.is_grad_enabled() and hasattr(self, "explore_images"):  # not norm recalibration
+            self.explore_images += batch
         level_logits = [self.aggregate(torch.cat(level_feats[: i + 1], dim=1)) for i in range(len(level_feats))]
         feature_logits = [head(self.dropout(f)) for head, f in zip(self.feature_heads, level_feats)]
         n_feats = sum(f.shape[1] for f in level_feats)

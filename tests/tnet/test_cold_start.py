@@ -166,3 +166,49 @@ def test_explore_keep_trains_on_the_modules_own_top_cells_and_samples_the_rest()
     assert torch.equal(got, (logp * 4.0 - torch.log(-torch.log(u))).topk(3, dim=-1).indices)
     with pytest.raises(ValueError, match="explore_keep"):
         dataclasses.replace(CFG, explore="gumbel", explore_keep=3)  # above min(locations) = 2
+
+
+def test_explore_scale_anneals_geometrically_and_resumes_with_the_checkpoint():
+    cfg = dataclasses.replace(CFG, explore="gumbel", explore_scale=4.0, explore_scale_end=64.0, explore_anneal_images=8)
+    assert [cfg.explore_scale_at(n) for n in (0, 4, 8, 100)] == pytest.approx([4.0, 16.0, 64.0, 64.0])
+    assert dataclasses.replace(CFG, explore="gumbel", explore_scale=4.0).explore_scale_at(10**6) == 4.0
+    model = TNet(cfg).train()
+    model(images(b=4))
+    assert model.explore_scale() == pytest.approx(16.0)  # 4 training images seen
+    with torch.no_grad():
+        model(images(b=4))  # no gradient (norm recalibration): not a training image
+    model.eval()
+    model(images(b=4))
+    assert int(model.explore_images) == 4
+    clone = TNet(cfg)
+    clone.load_state_dict(model.state_dict())
+    assert clone.explore_scale() == pytest.approx(16.0)
+    # Late in the anneal the noise no longer moves the module's choice away from its top-k.
+    late = TNet(cfg).train()
+    late.explore_images.fill_(8)
+    g = torch.Generator().manual_seed(5)
+    logp = torch.nn.functional.normalize(torch.randn(256, 9, generator=g), dim=-1).log_softmax(-1)
+    early = TNet(cfg).train()
+    top = logp.topk(2, dim=-1).indices.sort(-1).values
+    agree = {name: (m.choose(logp, 2).sort(-1).values == top).all(-1).float().mean().item()
+             for name, m in (("early", early), ("late", late))}
+    assert agree["late"] > 0.9 > agree["early"]
+    for bad in ({"explore": "none"}, {"explore_scale_end": 0.0}, {"explore_anneal_images": 0}):
+        with pytest.raises(ValueError, match="explore"):
+            dataclasses.replace(cfg, **bad)
+
+
+def test_forced_cells_replace_the_modules_choice_and_are_checked():
+    model = TNet(dataclasses.replace(CFG, levels=2, locations=(2,))).eval()
+    x = images(b=3)
+    forced = torch.tensor([[[0, 8]], [[4, 5]], [[7, 1]]])  # (B, R=1, k=2)
+    out = model(x, cells=[forced])
+    assert torch.equal(out.selections[0].cells, forced[:, 0])
+    grid = model.grids[0]
+    expected = torch.tensor([[grid.cell_offset(c) for c in row] for row in forced[:, 0].tolist()], dtype=torch.float32)
+    assert torch.allclose(out.selections[0].boxes[..., :2] * CFG.input_size, expected)
+    chosen = model(x).selections[0].cells
+    assert torch.equal(model(x, cells=[chosen[:, None]]).logits, model(x).logits)  # replaying = not forcing
+    for bad, match in (([], "levels given"), ([forced[:, :, :1]], "shape"), ([forced + 9], "indices")):
+        with pytest.raises(ValueError, match=match):
+            model(x, cells=bad)
