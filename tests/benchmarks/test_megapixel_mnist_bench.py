@@ -16,6 +16,9 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -140,11 +143,64 @@ def test_jobs_train_the_arms_in_processes_of_their_own(tmp_path: Path) -> None:
 def test_arms_trains_only_the_named_ones(tmp_path: Path) -> None:
     """An ablation study without retraining the headline arms: the JSON says which were left out (None)."""
     mm = load()
+    anneal = "anneal=model.explore_scale_end=16,model.explore_anneal_images=8"
     result = mm.main([*TINY, "--data", str(tmp_path / "data"), "--out-dir", str(tmp_path),
-                      "--ablation", "k1=model.locations=[1]", "--arms", "k1"])  # fmt: skip
-    assert set(result["curves"]) == {"k1"} and set(result["ablation"]) == {"k1"}
+                      "--ablation", "k1=model.locations=[1]", "--ablation", anneal, "--arms", "k1,anneal"])  # fmt: skip
+    assert set(result["curves"]) == {"k1", "anneal"} and set(result["ablation"]) == {"k1", "anneal"}
+    # the exploration scale in force at each checkpoint: constant, or annealed (4 -> 16 over 8 images)
+    assert [p["explore_scale"] for p in result["curves"]["k1"]] == [4.0, 4.0]
+    assert [p["explore_scale"] for p in result["curves"]["anneal"]] == [4.0, 16.0]
     assert result["test_accuracy"] is None and result["baseline_test_accuracy"] is None
     assert 0.0 <= result["ablation"]["k1"]["accuracy"] <= 1.0
     for bad in (["--arms", "k2"], ["--arms", ","], ["--arms", "tnet,nope"]):
+        with pytest.raises(SystemExit):
+            mm.parse_args(bad)
+
+
+def test_evaluation_recalibrates_the_norms_when_the_config_asks(tmp_path: Path) -> None:
+    """``train.recalibrate_norms``: the benchmark evaluates as the training job does after an epoch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mm = load()
+    options = {"size": 256, "n_train": 16, "n_test": 8, "n_noise": 3}
+    url = mm.prepare_data(tmp_path / "data", options, 64)
+    sets = [TINY[i + 1] for i, a in enumerate(TINY) if a == "--set"]
+    targets = mm.target_boxes(url, "test")
+    with ThreadPoolExecutor(1) as pool:
+        for n, changes in ((0, False), (8, True)):
+            cfg = mm.job_config(mm.FULL["config"], [*sets, f"train.recalibrate_norms={n}"], url)
+            arm = mm.TNetArm("tnet", cfg, url, pool, targets)
+            before = arm.model.level_norms.l1_0_running_mean.clone()
+            row = arm.evaluate("test", None)
+            after = arm.model.level_norms.l1_0_running_mean
+            assert (not torch.equal(before, after)) is changes, n
+            assert row["images"] == 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 228), st.integers(0, 228)), max_size=6), st.integers(1, 16), st.integers(0, 9))
+def test_oracle_cells_hold_every_digit_whole_when_k_allows(corners, k, seed) -> None:
+    from tnet.geometry import candidate_grid
+
+    mm = load()
+    grid = candidate_grid(256, 4, 0.5)  # 128 px cells at stride 43: every 28 px digit fits whole in one
+    digits = np.array([[x, y, x + 28, y + 28] for x, y in corners], np.float64).reshape(-1, 4) / 256
+    cells = mm.oracle_cells(digits, grid, 256, k, np.random.default_rng(seed))
+    assert len(cells) == k == len(set(cells)) and all(0 <= c < grid.cells for c in cells)
+    boxes = np.array([[*grid.cell_offset(c), *(np.array(grid.cell_offset(c)) + grid.patch)] for c in cells], np.float64)
+    if len(corners) <= k:
+        assert mm.digits_inside(boxes, digits * 256) == len(corners)
+
+
+def test_oracle_arm_attends_every_target_digit(tmp_path: Path) -> None:
+    """``--oracle``: TNet reads the labelled digits' cells, so evaluation attends all of them."""
+    mm = load()
+    argv = [*TINY, "--set", "model.overlap=0.5", "--set", "model.locations=[4]", "--data", str(tmp_path / "data"),
+            "--out-dir", str(tmp_path), "--oracle", "--arms", "oracle"]  # fmt: skip
+    result = mm.main(argv)
+    assert set(result["curves"]) == {"oracle"} and result["test_accuracy"] is None
+    assert [p["target_digit_hit_rate"] for p in result["curves"]["oracle"]] == [1.0, 1.0]
+    assert result["oracle_test_accuracy"] == result["curves"]["oracle"][-1]["accuracy"]
+    for bad in (["--arms", "oracle"], ["--ablation", "oracle=model.grid=5"]):
         with pytest.raises(SystemExit):
             mm.parse_args(bad)
