@@ -72,7 +72,7 @@ TINY = ["--size", "256", "--n-train", "16", "--n-test", "8", "--n-noise", "3", "
         "--eval-at", "0", "--threads", "1",
         "--set", "model.input_size=256", "--set", "model.base_size=64", "--set", "model.grid=4",
         "--set", "model.overlap=0.3", "--set", "model.locations=[2]", "--set", "train.batch_size=4",
-        "--set", "data.shuffle_buffer=4"]  # fmt: skip
+        "--set", "data.shuffle_buffer=4", "--set", "train.recalibrate_norms=8"]  # fmt: skip
 
 
 def test_tiny_run_writes_the_documented_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -147,8 +147,10 @@ def test_arms_trains_only_the_named_ones(tmp_path: Path) -> None:
     result = mm.main([*TINY, "--data", str(tmp_path / "data"), "--out-dir", str(tmp_path),
                       "--ablation", "k1=model.locations=[1]", "--ablation", anneal, "--arms", "k1,anneal"])  # fmt: skip
     assert set(result["curves"]) == {"k1", "anneal"} and set(result["ablation"]) == {"k1", "anneal"}
-    # the exploration scale in force at each checkpoint: constant, or annealed (4 -> 16 over 8 images)
-    assert [p["explore_scale"] for p in result["curves"]["k1"]] == [4.0, 4.0]
+    # the exploration scale in force at each checkpoint: the config's slow anneal (4 -> 64 over 13,000
+    # images) has barely moved; the fast one (4 -> 16 over 8 images) is done
+    k1 = [p["explore_scale"] for p in result["curves"]["k1"]]
+    assert k1[0] == 4.0 and 4.0 < k1[1] < 4.1
     assert [p["explore_scale"] for p in result["curves"]["anneal"]] == [4.0, 16.0]
     assert result["test_accuracy"] is None and result["baseline_test_accuracy"] is None
     assert 0.0 <= result["ablation"]["k1"]["accuracy"] <= 1.0
