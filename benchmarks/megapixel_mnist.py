@@ -73,7 +73,7 @@ from pipeline.loader import Batch, StreamSpec, make_loader, split_shards  # noqa
 from pipeline.storage import join, open_url  # noqa: E402
 from tnet.baseline import WholeImageClassifier  # noqa: E402
 from tnet.configtools import apply_overrides, from_dict, load_yaml, to_dict  # noqa: E402
-from tnet.geometry import Grid  # noqa: E402
+from tnet.geometry import grid_boxes  # noqa: E402
 from tnet.levelnorm import recalibrating_norms  # noqa: E402
 from tnet.losses import TNetLoss  # noqa: E402
 from tnet.model import TNet  # noqa: E402
@@ -143,14 +143,18 @@ def target_boxes(url: str, split: str) -> dict[str, np.ndarray]:
     return out
 
 
+def containment(boxes: np.ndarray, digits: np.ndarray, tol: float = 1e-3) -> np.ndarray:
+    """(T, R) bool: digit t (T, 4 xyxy) lies whole inside box r (R, 4 xyxy)."""
+    a, d = np.asarray(boxes, np.float64)[None], np.asarray(digits, np.float64).reshape(-1, 4)[:, None]
+    return (d[..., 0] >= a[..., 0] - tol) & (d[..., 1] >= a[..., 1] - tol) & \
+           (d[..., 2] <= a[..., 2] + tol) & (d[..., 3] <= a[..., 3] + tol)  # fmt: skip
+
+
 def digits_inside(attended: np.ndarray, digits: np.ndarray, tol: float = 1e-3) -> int:
     """How many ``digits`` (T, 4 xyxy) lie whole inside at least one ``attended`` box (R, 4 xyxy)."""
     if len(digits) == 0 or len(attended) == 0:
         return 0
-    a, d = attended[None], digits[:, None]  # (1, R, 4), (T, 1, 4)
-    inside = (d[..., 0] >= a[..., 0] - tol) & (d[..., 1] >= a[..., 1] - tol) & \
-             (d[..., 2] <= a[..., 2] + tol) & (d[..., 3] <= a[..., 3] + tol)  # fmt: skip
-    return int(inside.any(axis=1).sum())
+    return int(containment(attended, digits, tol).any(axis=1).sum())
 
 
 # -- compute matching ------------------------------------------------------------------------------
@@ -335,25 +339,23 @@ def attention_pictures(examples: list[tuple[Example, np.ndarray]], num_classes: 
     return path
 
 
-def oracle_cells(digits: np.ndarray, grid: Grid, size: int, k: int, rng: np.random.Generator) -> list[int]:
-    """k distinct cells of ``grid`` (over a ``size`` px view): for each digit (T, 4 boxes normalised
-    to the view) the cell holding it whole with the nearest centre, then random others.
+def oracle_cells(digits: np.ndarray, cells: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
+    """k distinct indices into ``cells`` (N*N, 4 candidate boxes): for each digit the cell holding it
+    whole with the nearest centre, then random others (boxes in the same coordinates).
 
     A diagnostic, not a method: it reads the labels' boxes, so TNet trained and evaluated on these
     cells bounds what its patch path can learn once the locations are right.
     """
-    starts = np.array([grid.cell_offset(c) for c in range(grid.cells)], np.float64)  # (N*N, 2) as (dx, dy)
-    cells: list[int] = []
-    for box in np.asarray(digits, np.float64).reshape(-1, 4) * size:
-        inside = np.flatnonzero((box[0] >= starts[:, 0] - 1e-6) & (box[1] >= starts[:, 1] - 1e-6)
-                                & (box[2] <= starts[:, 0] + grid.patch + 1e-6) & (box[3] <= starts[:, 1] + grid.patch + 1e-6))
-        if len(inside):
-            centre = (box[:2] + box[2:]) / 2
-            best = int(inside[np.argmin(((starts[inside] + grid.patch / 2 - centre) ** 2).sum(1))])
-            if best not in cells:
-                cells.append(best)
-    others = [int(c) for c in rng.permutation(grid.cells) if c not in cells]
-    return (cells + others)[:k]
+    centres = (cells[:, :2] + cells[:, 2:]) / 2
+    chosen: list[int] = []
+    for box, inside in zip(np.asarray(digits, np.float64).reshape(-1, 4), containment(cells, digits, 1e-6)):
+        if inside.any():
+            candidates = np.flatnonzero(inside)
+            best = int(candidates[np.argmin(((centres[candidates] - (box[:2] + box[2:]) / 2) ** 2).sum(1))])
+            if best not in chosen:
+                chosen.append(best)
+    others = [int(c) for c in rng.permutation(len(cells)) if c not in chosen]
+    return (chosen + others)[:k]
 
 
 class OracleArm(TNetArm):
@@ -364,12 +366,13 @@ class OracleArm(TNetArm):
         if self.cfg.model.levels != 2:
             raise ValueError(f"the oracle arm needs model.levels=2 (one attended level), not {self.cfg.model.levels}")
         self.rng = np.random.default_rng(self.cfg.train.seed)
+        size = self.cfg.model.input_size  # level 1's candidates, normalised to the view like view_digits
+        self.cells = np.array(grid_boxes((0, 0, size, size), self.model.grids[0]), np.float64) / size
 
     def forward(self, batch: Batch, source: Any) -> Any:
-        m = self.cfg.model
         rng = self.rng if self.model.training else np.random.default_rng(0)  # evaluation: the same cells each time
-        chosen = [oracle_cells(self.view_digits(batch, i), self.model.grids[0], m.input_size, m.locations[0], rng)
-                  for i in range(len(batch))]  # fmt: skip
+        k = self.cfg.model.locations[0]
+        chosen = [oracle_cells(self.view_digits(batch, i), self.cells, k, rng) for i in range(len(batch))]
         return self.model(source, cells=[torch.tensor(chosen)[:, None, :]])
 
 

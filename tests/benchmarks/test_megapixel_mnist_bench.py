@@ -182,12 +182,13 @@ def test_evaluation_recalibrates_the_norms_when_the_config_asks(tmp_path: Path) 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 228), st.integers(0, 228)), max_size=6), st.integers(1, 16), st.integers(0, 9))
 def test_oracle_cells_hold_every_digit_whole_when_k_allows(corners, k, seed) -> None:
-    from tnet.geometry import candidate_grid
+    from tnet.geometry import candidate_grid, grid_boxes
 
     mm = load()
     grid = candidate_grid(256, 4, 0.5)  # 128 px cells at stride 43: every 28 px digit fits whole in one
     digits = np.array([[x, y, x + 28, y + 28] for x, y in corners], np.float64).reshape(-1, 4) / 256
-    cells = mm.oracle_cells(digits, grid, 256, k, np.random.default_rng(seed))
+    candidates = np.array(grid_boxes((0, 0, 256, 256), grid), np.float64) / 256
+    cells = mm.oracle_cells(digits, candidates, k, np.random.default_rng(seed))
     assert len(cells) == k == len(set(cells)) and all(0 <= c < grid.cells for c in cells)
     boxes = np.array([[*grid.cell_offset(c), *(np.array(grid.cell_offset(c)) + grid.patch)] for c in cells], np.float64)
     if len(corners) <= k:
