@@ -62,6 +62,12 @@ class TNetConfig:
     # location losses (MIL above all) shape the backbone's coarse map, so it learns features that
     # find small objects in the base view instead of only those the global feature needs.
     loc_detach: bool = True
+    # Cold start (off = the paper). The features of attended cells are pooled with weights that
+    # add each cell's location log-probability (relative to uniform; 0 for the whole view) to the
+    # pooling logits, as attention sampling weights patch features by attention. Cross-entropy then
+    # reaches the location scores directly: a cell whose feature helps the prediction gains score,
+    # a dense gradient for every image instead of a REINFORCE reward alone.
+    score_pooling: bool = False
     # Separate BatchNorm running statistics per level (tnet.levelnorm). Off in the paper, where
     # levels look alike; needed where the whole view and the patches differ (Megapixel MNIST).
     level_norm_stats: bool = False

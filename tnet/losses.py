@@ -11,7 +11,9 @@ R is 1 where the final top-1 prediction is right, r_f where feature f's own head
 counts features of levels up to ``per_feature_levels``. One scalar baseline b (starts at 0.5) is
 updated after the loss: b <- m b + (1 - m) (w_rf mean R + (1 - w_rf) mean r_f). (R - b), the
 selection and the location input are constants, so cross-entropy never reaches the location
-module (its input is detached in the model) and REINFORCE never reaches the backbone.
+module (its input is detached in the model; ``TNetConfig.score_pooling`` is the exception, on
+purpose) and REINFORCE never reaches the backbone.
+The cold-start options below (all off by default) add terms or change r_f - b; see LossConfig.
 """
 
 from __future__ import annotations
@@ -41,12 +43,23 @@ class LossConfig:
     # p(y) = sum over cells of softmax(score) * softmax(cell class logits), NLL of the label. Every
     # image teaches every cell's score, whatever the patch classifier can do yet.
     mil_weight: float = 0.0
+    # Cold start ("correct" = the paper). The reward of each attended cell in the per-feature
+    # REINFORCE term. "correct": 1 where the cell's own head is right, minus the scalar baseline.
+    # "relative": the head's p(true class) on that cell minus its mean over the image's other
+    # attended cells of the level. While the patch heads are still near chance, a binary reward
+    # is noise from every image's difficulty and the heads' drift; the relative one keeps only
+    # which of the image's cells the head reads best, and it moves as soon as p(y) does, before
+    # any argmax flips, so the scores get a signal early (the location module learns only from
+    # REINFORCE, and Adam scales its steps, so a small but consistent advantage is enough).
+    feature_reward: str = "correct"
 
     def __post_init__(self) -> None:
         for name in ("w_ce", "w_rf", "baseline_init", "baseline_momentum"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value}: must be in [0, 1]")
+        if self.feature_reward not in ("correct", "relative"):
+            raise ValueError(f"feature_reward={self.feature_reward!r}: must be 'correct' or 'relative'")
         if self.mil_weight < 0:
             raise ValueError(f"mil_weight={self.mil_weight}: must be >= 0")
         if self.utility_weight < 0:
@@ -93,7 +106,8 @@ class TNetLoss(nn.Module):
             feature_rewards.append(r_f)
             if level >= 1:
                 logp = out.selections[level - 1].log_probs  # (B, R_l): this feature's own location
-                rf_sum = rf_sum + ((r_f - b) * -logp).mean(0).sum()
+                advantage = r_f - b if cfg.feature_reward == "correct" else relative_likelihood(logits, target)
+                rf_sum = rf_sum + (advantage * -logp).mean(0).sum()
         terms["ce_features"] = ce_sum / n_feats
         terms["rf_features"] = rf_sum / max(n_feats - 1, 1)
 
@@ -120,6 +134,19 @@ class TNetLoss(nn.Module):
         m, w = self.cfg.baseline_momentum, self.cfg.w_rf
         mixed = w * terms["reward"] + (1 - w) * terms["feature_reward"]
         self.baseline.mul_(m).add_((1 - m) * mixed.to(self.baseline.dtype))
+
+
+def relative_likelihood(logits: Tensor, target: Tensor) -> Tensor:
+    """(B, R, classes) -> (B, R): each feature's p(target) minus the mean over the image's others.
+
+    Leave-one-out, so a feature's advantage does not contain its own reward; zero with R = 1.
+    """
+    p = logits.detach().softmax(-1).gather(2, target[:, None, None].expand(-1, logits.shape[1], 1))[..., 0]
+    regions = p.shape[1]
+    if regions < 2:
+        return torch.zeros_like(p)
+    others = (p.sum(dim=1, keepdim=True) - p) / (regions - 1)
+    return p - others
 
 
 def utility_loss(out: TNetOutput, target: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ same to the model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -97,12 +98,17 @@ class TNet(nn.Module):
                 raw, fmap = self.backbone(patches)
         return self.position(self.project(raw), pos), fmap
 
-    def aggregate(self, features: Tensor) -> Tensor:
-        """(B, F, D) -> (B, classes): the paper's plain mean, or a learned weighting."""
-        if self.weighting is None:
+    def aggregate(self, features: Tensor, scores: Tensor | None = None) -> Tensor:
+        """(B, F, D) -> (B, classes): the paper's plain mean, or weights from learned logits
+        (``feature_weighting``) plus the cells' location scores (``scores``, (B, F), with
+        ``score_pooling``)."""
+        if self.weighting is None and scores is None:
             pooled = features.mean(dim=1)
         else:
-            weights = self.weighting(features).softmax(dim=1)  # (B, F, 1)
+            logits = features.new_zeros(features.shape[:2]) if scores is None else scores
+            if self.weighting is not None:
+                logits = logits + self.weighting(features)[..., 0]
+            weights = logits.softmax(dim=1)[..., None]  # (B, F, 1)
             pooled = (weights * features).sum(dim=1)
         return self.classifier(self.dropout(pooled))
 
@@ -173,6 +179,7 @@ class TNet(nn.Module):
         patches = source.read_regions(boxes / size, base).to(device)  # (B, 1, C, b, b)
         feats, fmap = self.encode(patches.flatten(0, 1), pos.flatten(0, 1))
         level_feats = [feats.view(batch, 1, -1)]  # per level (B, R_l, D)
+        level_scores = [feats.new_zeros(batch, 1)]  # per level (B, R_l): pooling scores (score_pooling)
         selections: list[LevelSelection] = []
 
         for level, (grid, k) in enumerate(zip(self.grids, locs)):
@@ -202,13 +209,21 @@ class TNet(nn.Module):
                     cell_logits=None if cell_logits is None else cell_logits.reshape(batch, regions, *cell_logits.shape[1:]),
                 )
             )
+            # log p relative to uniform: 0 for an indifferent module, like the whole view's score
+            level_scores.append(selections[-1].log_probs + math.log(grid.cells))
             patches = source.read_regions(norm_boxes.detach().cpu(), cfg.region_size).to(device)  # (B, R*k, C, p, p)
             feats, fmap = self.encode(patches.flatten(0, 1), pos.flatten(0, 1), level + 1)
             level_feats.append(feats.view(batch, regions * k, -1))
 
         if self.training and torch.is_grad_enabled() and hasattr(self, "explore_images"):  # not norm recalibration
             self.explore_images += batch
-        level_logits = [self.aggregate(torch.cat(level_feats[: i + 1], dim=1)) for i in range(len(level_feats))]
+        level_logits = [
+            self.aggregate(
+                torch.cat(level_feats[: i + 1], dim=1),
+                torch.cat(level_scores[: i + 1], dim=1) if cfg.score_pooling else None,
+            )
+            for i in range(len(level_feats))
+        ]
         feature_logits = [head(self.dropout(f)) for head, f in zip(self.feature_heads, level_feats)]
         n_feats = sum(f.shape[1] for f in level_feats)
         return TNetOutput(

@@ -4,10 +4,12 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tnet.config import TNetConfig
-from tnet.losses import LossConfig, TNetLoss, cell_mil_loss
-from tnet.model import TNet
+from tnet.losses import LossConfig, TNetLoss, cell_mil_loss, relative_likelihood
+from tnet.model import LevelSelection, TNet, TNetOutput
 from tnet.regions import TensorRegionSource
 
 CFG = TNetConfig(
@@ -212,3 +214,75 @@ def test_forced_cells_replace_the_modules_choice_and_are_checked():
     for bad, match in (([], "levels given"), ([forced[:, :, :1]], "shape"), ([forced + 9], "indices")):
         with pytest.raises(ValueError, match=match):
             model(x, cells=bad)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 7), st.integers(2, 6), st.integers(0, 2**31 - 1))
+def test_relative_likelihood_is_leave_one_out_and_sums_to_zero(batch, regions, classes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, regions, classes, generator=gen)
+    target = torch.randint(0, classes, (batch,), generator=gen)
+    adv = relative_likelihood(logits, target)
+    assert adv.shape == (batch, regions)
+    assert torch.allclose(adv.sum(dim=1), torch.zeros(batch), atol=1e-6)  # only the ranking within an image
+    p = logits.softmax(-1)[torch.arange(batch), :, target]  # (B, R)
+    if regions > 1:
+        f = regions - 1  # the last feature against the mean of the others, spelled out
+        assert torch.allclose(adv[:, f], p[:, f] - p[:, :f].mean(dim=1), atol=1e-6)
+
+
+def test_relative_feature_reward_raises_the_cells_the_heads_read_best():
+    target = torch.tensor([2])
+    head_probs = torch.tensor([[0.45, 0.3, 0.1]])  # p(class 2) of three attended cells' heads
+    feature_logits = torch.full((1, 3, 4), -9.0)
+    feature_logits[0, :, 2] = head_probs.log()[0]
+    feature_logits[0, :, 0] = (1 - head_probs).log()[0]  # the rest of the mass on a wrong class
+    log_probs = torch.log(torch.full((1, 3), 1 / 9)).requires_grad_()
+
+    def grads(feature_reward: str) -> torch.Tensor:
+        sel = LevelSelection(
+            boxes=torch.zeros(1, 3, 4), source_boxes=torch.zeros(1, 3, 4), cells=torch.tensor([[0, 4, 8]]),
+            log_probs=log_probs, probs=torch.full((1, 1, 9), 1 / 9), logits=torch.zeros(1, 1, 9),
+        )
+        out = TNetOutput(
+            logits=torch.zeros(1, 4), level_logits=[torch.zeros(1, 4)] * 2,
+            feature_logits=[torch.zeros(1, 1, 4), feature_logits], selections=[sel],
+        )
+        terms = TNetLoss(LossConfig(feature_reward=feature_reward))(out, target)
+        (grad,) = torch.autograd.grad(terms["rf_features"], log_probs)
+        return grad[0]
+
+    relative = grads("relative")
+    assert relative[0] < 0 < relative[2]  # gradient descent raises the best cell's log p, lowers the worst
+    assert abs(float(relative.sum())) < 1e-6
+    correct = grads("correct")  # the paper: every head wrong here (argmax class 0), all pushed down alike
+    assert torch.all(correct > 0) and torch.allclose(correct, correct[0].expand(3))
+    with pytest.raises(ValueError, match="feature_reward"):
+        LossConfig(feature_reward="likely")
+
+
+def test_score_pooling_lets_cross_entropy_reach_the_location_scores_only():
+    target = torch.tensor([0, 1, 2, 3])
+
+    def ce_grads(score_pooling: bool) -> tuple[bool, bool]:
+        torch.manual_seed(0)
+        model = TNet(dataclasses.replace(CFG, score_pooling=score_pooling, feature_weighting=True)).train()
+        out = model(images())
+        torch.nn.functional.cross_entropy(out.logits, target).backward()
+        location = any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.location.parameters())
+        backbone = any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+        return location, backbone
+
+    assert ce_grads(False) == (False, True)  # the paper: cross-entropy never reaches the location module
+    assert ce_grads(True) == (True, True)  # the pooling weights carry it to the scores
+
+
+def test_score_pooling_weights_the_attended_features_by_their_location_probability():
+    model = TNet(dataclasses.replace(CFG, levels=2, locations=(2,), score_pooling=True)).eval()
+    feats = torch.randn(1, 3, model.classifier.in_features)
+    scores = torch.tensor([[0.0, 2.0, -1.0]])  # the whole view (0), then two cells' log(p * cells)
+    weights = scores[0].exp()
+    expected = model.classifier((weights[:, None] * feats[0]).sum(0) / weights.sum())
+    assert torch.allclose(model.aggregate(feats, scores)[0], expected, atol=1e-5)
+    uniform = torch.zeros(1, 3)  # an indifferent module (uniform p) leaves the paper's plain mean
+    assert torch.allclose(model.aggregate(feats, uniform), model.classifier(feats.mean(1)), atol=1e-5)
