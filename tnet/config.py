@@ -31,6 +31,11 @@ class TNetConfig:
     loc_concat_feature: bool = False  # ImageNet variant: tile the feature vector into the location input
     loc_act: str = "swish"  # "swish" (fMoW) or "leaky_relu" (ImageNet, slope 0.2)
     loc_se: bool = True  # squeeze-excitation in the location module (fMoW variant)
+    # The location module's two coordinate channels (the paper). False feeds zeros instead (same
+    # parameters): where objects may be anywhere, position is no evidence, and a module that cannot
+    # yet tell digits from background can settle on fixed rows of cells that the coordinates make
+    # easy to prefer (seen in the 60-minute Megapixel MNIST run, docs/benchmarks.md).
+    loc_coords: bool = True
     feature_weighting: bool = False  # learned weights instead of the paper's plain mean
     antialias: bool = True  # antialiased resizing; False reproduces the reference code
     loc_temperature: float = 1.0  # softmax temperature on the L2-normalised logits (1 = paper)

@@ -61,8 +61,10 @@ class LocationModule(nn.Module):
         se: bool,
         concat_feature: bool,
         cell_classes: int = 0,
+        coords: bool = True,
     ) -> None:
         super().__init__()
+        self.coords = coords  # False: zeros in the coordinate channels (same parameters)
         cin = map_channels + (feature_dim if concat_feature else 0)
         self.concat_feature = concat_feature
         self.conv1 = nn.Conv2d(cin, hidden, 1)
@@ -87,6 +89,8 @@ class LocationModule(nn.Module):
         lin = torch.linspace(-1, 1, n, device=x.device, dtype=x.dtype)
         yy, xx = torch.meshgrid(lin, lin, indexing="ij")
         coords = torch.stack([yy, xx]) * self.coord_scale + self.coord_offset  # (2, N, N)
+        if not self.coords:
+            coords = torch.zeros_like(coords)
         x = torch.cat([x, coords[None].expand(r, -1, -1, -1)], dim=1)
         x = self.act(self.conv2(x))
         cell_logits = None

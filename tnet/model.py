@@ -72,6 +72,7 @@ class TNet(nn.Module):
             cfg.loc_se,
             cfg.loc_concat_feature,
             cfg.num_classes if cfg.loc_classes else 0,
+            cfg.loc_coords,
         )
         self.weighting = nn.Linear(dim, 1) if cfg.feature_weighting else None
         self.dropout = nn.Dropout(cfg.dropout)

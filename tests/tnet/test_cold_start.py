@@ -286,3 +286,17 @@ def test_score_pooling_weights_the_attended_features_by_their_location_probabili
     assert torch.allclose(model.aggregate(feats, scores)[0], expected, atol=1e-5)
     uniform = torch.zeros(1, 3)  # an indifferent module (uniform p) leaves the paper's plain mean
     assert torch.allclose(model.aggregate(feats, uniform), model.classifier(feats.mean(1)), atol=1e-5)
+
+
+def test_loc_coords_false_makes_the_scores_independent_of_position():
+    model = TNet(dataclasses.replace(CFG, loc_coords=False)).eval()
+    plain = TNet(CFG).eval()
+    plain.load_state_dict(model.state_dict())  # same parameters either way
+    cells = torch.ones(2, model.backbone.loc_channels, 3, 3)  # identical features in every cell
+    with torch.no_grad():
+        for p in (model.location.coord_scale, plain.location.coord_scale):
+            p.fill_(3.0)
+        scores, _ = model.location(cells)
+        with_coords, _ = plain.location(cells)
+    assert torch.allclose(scores, scores[:, :1].expand_as(scores))  # nothing but the features
+    assert not torch.allclose(with_coords, with_coords[:, :1].expand_as(with_coords))
