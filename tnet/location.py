@@ -88,9 +88,7 @@ class LocationModule(nn.Module):
         x = self.se(self.act(self.conv1(x)))  # (R, hidden, N, N)
         lin = torch.linspace(-1, 1, n, device=x.device, dtype=x.dtype)
         yy, xx = torch.meshgrid(lin, lin, indexing="ij")
-        coords = torch.stack([yy, xx]) * self.coord_scale + self.coord_offset  # (2, N, N)
-        if not self.coords:
-            coords = torch.zeros_like(coords)
+        coords = torch.stack([yy, xx]) * self.coord_scale + self.coord_offset if self.coords else x.new_zeros(2, n, n)
         x = torch.cat([x, coords[None].expand(r, -1, -1, -1)], dim=1)
         x = self.act(self.conv2(x))
         cell_logits = None

@@ -136,12 +136,18 @@ class TNetLoss(nn.Module):
         self.baseline.mul_(m).add_((1 - m) * mixed.to(self.baseline.dtype))
 
 
+def true_class_prob(logits: Tensor, target: Tensor) -> Tensor:
+    """(B, R, classes) -> (B, R): each feature head's p(target), detached (a reward, not a path)."""
+    probs = logits.detach().softmax(-1)
+    return probs.gather(2, target[:, None, None].expand(-1, probs.shape[1], 1))[..., 0]
+
+
 def relative_likelihood(logits: Tensor, target: Tensor) -> Tensor:
     """(B, R, classes) -> (B, R): each feature's p(target) minus the mean over the image's others.
 
     Leave-one-out, so a feature's advantage does not contain its own reward; zero with R = 1.
     """
-    p = logits.detach().softmax(-1).gather(2, target[:, None, None].expand(-1, logits.shape[1], 1))[..., 0]
+    p = true_class_prob(logits, target)
     regions = p.shape[1]
     if regions < 2:
         return torch.zeros_like(p)
@@ -161,8 +167,7 @@ def utility_loss(out: TNetOutput, target: Tensor) -> Tensor:
         k = sel.cells.shape[1] // parents
         parent = torch.arange(parents, device=sel.cells.device).repeat_interleave(k)  # (R_l,)
         scores = sel.logits[:, parent, :].gather(2, sel.cells[..., None])[..., 0]  # (B, R_l)
-        probs = out.feature_logits[level].detach().softmax(-1)  # (B, R_l, classes)
-        utility = probs.gather(2, target[:, None, None].expand(-1, probs.shape[1], 1))[..., 0]
+        utility = true_class_prob(out.feature_logits[level], target)  # (B, R_l)
         losses.append(F.binary_cross_entropy_with_logits(scores, utility))
     return torch.stack(losses).mean()
 
