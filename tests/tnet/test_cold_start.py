@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tnet.config import TNetConfig
-from tnet.losses import LossConfig, TNetLoss, cell_mil_loss, relative_likelihood
+from tnet.losses import LossConfig, TNetLoss, cell_mil_loss, found_cell_loss, relative_likelihood
 from tnet.model import LevelSelection, TNet, TNetOutput
 from tnet.regions import TensorRegionSource
 
@@ -300,3 +300,72 @@ def test_loc_coords_false_makes_the_scores_independent_of_position():
         with_coords, _ = plain.location(cells)
     assert torch.allclose(scores, scores[:, :1].expand_as(scores))  # nothing but the features
     assert not torch.allclose(with_coords, with_coords[:, :1].expand_as(with_coords))
+
+
+def _found_case(head_p_true, cells, parents=1, n_cells=9):
+    """A one-image output whose attended cells' heads give p(class 2) = ``head_p_true``."""
+    p = torch.tensor([head_p_true])
+    feature_logits = torch.full((1, p.shape[1], 4), -9.0)
+    feature_logits[0, :, 2] = p.log()[0]
+    feature_logits[0, :, 0] = (1 - p).clamp_min(1e-6).log()[0]
+    logits = torch.zeros(1, parents, n_cells, requires_grad=True)
+    probs = logits.softmax(-1)
+    sel = LevelSelection(
+        boxes=torch.zeros(1, p.shape[1], 4), source_boxes=torch.zeros(1, p.shape[1], 4),
+        cells=torch.tensor([cells]), log_probs=probs.flatten(1).log()[:, : p.shape[1]], probs=probs,
+        logits=logits,
+    )
+    out = TNetOutput(
+        logits=torch.zeros(1, 4), level_logits=[torch.zeros(1, 4)] * 2,
+        feature_logits=[torch.zeros(1, 1, 4), feature_logits], selections=[sel],
+    )
+    return out, logits
+
+
+def test_found_cell_loss_raises_the_cells_whose_heads_read_the_label_and_is_silent_otherwise():
+    target = torch.tensor([2])
+    out, logits = _found_case([0.9, 0.3, 0.6], [0, 4, 8])  # cells 0 and 8 found at threshold 0.5
+    loss, found = found_cell_loss(out, target, 0.5)
+    assert float(found) == 2.0
+    # uniform start: the cross-entropy towards {0, 8} is -log(1/9)
+    assert torch.isclose(loss, torch.log(torch.tensor(9.0)))
+    (grad,) = torch.autograd.grad(loss, logits)
+    raised = {c for c in range(9) if grad[0, 0, c] < 0}  # gradient descent raises these scores
+    assert raised == {0, 8}
+    assert grad[0, 0, 4] > 0 and torch.isclose(grad[0, 0, 4], grad[0, 0, 1])  # read but not found: like untried
+    # no head sure enough: no signal at all, rather than pushing the tried cells down
+    quiet, _ = _found_case([0.4, 0.3, 0.2], [0, 4, 8])
+    loss, found = found_cell_loss(quiet, target, 0.5)
+    assert float(loss) == 0.0 and float(found) == 0.0
+    # a wrong top class is not found, however likely the label is
+    wrong, _ = _found_case([0.45], [3])
+    wrong.feature_logits[1][0, 0, 1] = 0.0  # class 1 now beats p(class 2) = 0.45
+    assert float(found_cell_loss(wrong, target, 0.4)[1]) == 0.0
+
+
+def test_found_cell_loss_maps_each_cell_to_its_own_region_and_enters_the_total():
+    target = torch.tensor([2])
+    out, logits = _found_case([0.9, 0.1, 0.1, 0.8], [5, 5, 1, 1], parents=2)  # k = 2 per region
+    loss, _ = found_cell_loss(out, target, 0.5)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert grad[0, 0, 5] < 0 and grad[0, 1, 1] < 0  # region 0's first cell, region 1's second cell
+    assert grad[0, 0, 1] > 0 and grad[0, 1, 5] > 0
+    out, _ = _found_case([0.9, 0.3, 0.6], [0, 4, 8])
+    base = TNetLoss(LossConfig())(out, target)
+    with_found = TNetLoss(LossConfig(found_weight=2.0))(out, target)
+    assert torch.isclose(with_found["total"], base["total"] + 2.0 * with_found["found"])
+    for bad in ({"found_weight": -1.0}, {"found_threshold": 0.0}, {"found_threshold": 1.5}):
+        with pytest.raises(ValueError, match="found_"):
+            LossConfig(**bad)
+
+
+def test_found_weight_trains_the_location_module_through_a_real_forward():
+    torch.manual_seed(0)
+    model = TNet(dataclasses.replace(CFG, levels=2, locations=(3,))).train()
+    out = model(images())
+    target = out.feature_logits[1].detach().argmax(-1)[:, 0]  # each image's first cell reads "its label"
+    loss, found = found_cell_loss(out, target, 1e-3)
+    assert float(found) >= 1.0  # per image: at least its first cell
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.location.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.backbone.parameters())  # loc_detach
