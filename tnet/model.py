@@ -24,6 +24,7 @@ from tnet.levelnorm import LevelNormStats
 from tnet.location import LocationModule, normalised_log_probs, sample_cells
 from tnet.positional import PositionalFusion
 from tnet.regions import RegionSource, TensorRegionSource
+from tnet.selection import neighbourhood, suppressed_topk
 
 
 @dataclass
@@ -81,6 +82,8 @@ class TNet(nn.Module):
         self.level_norms = LevelNormStats(self.backbone, cfg.levels) if cfg.level_norm_stats else None
         if cfg.explore_scale_end is not None:  # training images seen, for the exploration anneal
             self.register_buffer("explore_images", torch.zeros((), dtype=torch.long))
+        if cfg.suppress:  # which cells each pick suppresses (the same N x N grid at every level)
+            self.register_buffer("neighbours", neighbourhood(cfg.grid, cfg.suppress), persistent=False)
         self.grids = level_grids(cfg.input_size, cfg.levels, cfg.grid, cfg.overlap)
         for i, grid in enumerate(self.grids):
             offsets = torch.tensor([grid.cell_offset(c) for c in range(grid.cells)], dtype=torch.float32)
@@ -130,15 +133,23 @@ class TNet(nn.Module):
         return logits, cell_logits, logp, self.choose(logp, k)
 
     def choose(self, logp: Tensor, k: int) -> Tensor:
-        """Deterministic top-k (the paper's rule), or Gumbel top-k sampling while training."""
-        if self.training and self.cfg.explore == "gumbel":
-            keep = min(self.cfg.explore_keep, k)
-            top = logp.topk(keep, dim=-1).indices  # (R, keep): the module's own choices stay
+        """Deterministic top-k (the paper's rule), or Gumbel top-k sampling while training.
+
+        With ``suppress`` either rule picks greedily and skips the neighbours of earlier picks.
+        """
+        sampling = self.training and self.cfg.explore == "gumbel"
+        keep = min(self.cfg.explore_keep, k) if sampling else k  # the module's own choices stay
+        keys = logp
+        if sampling:
             uniform = torch.rand_like(logp).clamp_(1e-9, 1 - 1e-9)
             keys = logp * self.explore_scale() - torch.log(-torch.log(uniform))
-            keys = keys.scatter(1, top, float("-inf"))  # the rest: k - keep other cells, sampled
-            return torch.cat([top, keys.topk(k - keep, dim=-1).indices], dim=-1)
-        return logp.topk(k, dim=-1).indices  # (R, k)
+        if self.cfg.suppress:
+            return suppressed_topk(logp, keys, keep, k, self.neighbours)
+        if not sampling:
+            return logp.topk(k, dim=-1).indices  # (R, k)
+        top = logp.topk(keep, dim=-1).indices  # (R, keep)
+        keys = keys.scatter(1, top, float("-inf"))  # the rest: k - keep other cells, sampled
+        return torch.cat([top, keys.topk(k - keep, dim=-1).indices], dim=-1)
 
     @staticmethod
     def _forced(cells: Sequence[Tensor], level: int, batch: int, regions: int, k: int, n_cells: int) -> Tensor:
