@@ -149,8 +149,11 @@ def test_arms_trains_only_the_named_ones(tmp_path: Path) -> None:
     assert set(result["curves"]) == {"k1", "anneal"} and set(result["ablation"]) == {"k1", "anneal"}
     # the exploration scale in force at each checkpoint: the config's slow anneal (4 -> 64 over 13,000
     # images) has barely moved; the fast one (4 -> 16 over 8 images) is done
-    k1 = [p["explore_scale"] for p in result["curves"]["k1"]]
-    assert k1[0] == 4.0 and 4.0 < k1[1] < 4.1
+    # (how far it moved depends on how many images a fast machine trains in the budget)
+    k1 = result["curves"]["k1"]
+    assert k1[0]["explore_scale"] == 4.0 and k1[1]["train_images"] > 0
+    assert k1[1]["explore_scale"] == pytest.approx(4.0 * 16 ** (k1[1]["train_images"] / 13000), rel=1e-6)
+    assert k1[1]["explore_scale"] < 8.0
     assert [p["explore_scale"] for p in result["curves"]["anneal"]] == [4.0, 16.0]
     assert result["test_accuracy"] is None and result["baseline_test_accuracy"] is None
     assert 0.0 <= result["ablation"]["k1"]["accuracy"] <= 1.0
