@@ -180,10 +180,7 @@ def utility_loss(out: TNetOutput, target: Tensor) -> Tensor:
     """
     losses = []
     for level, sel in enumerate(out.selections, start=1):
-        batch, parents, _ = sel.logits.shape
-        k = sel.cells.shape[1] // parents
-        parent = torch.arange(parents, device=sel.cells.device).repeat_interleave(k)  # (R_l,)
-        scores = sel.logits[:, parent, :].gather(2, sel.cells[..., None])[..., 0]  # (B, R_l)
+        scores = sel.logits[:, sel.parents(), :].gather(2, sel.cells[..., None])[..., 0]  # (B, R_l)
         utility = true_class_prob(out.feature_logits[level], target)  # (B, R_l)
         losses.append(F.binary_cross_entropy_with_logits(scores, utility))
     return torch.stack(losses).mean()
@@ -199,11 +196,9 @@ def found_cell_loss(out: TNetOutput, target: Tensor, threshold: float) -> tuple[
     losses, found_total = [], target.new_zeros((), dtype=torch.float32)
     for level, sel in enumerate(out.selections, start=1):
         batch, parents, n_cells = sel.probs.shape
-        k = sel.cells.shape[1] // parents
         logits = out.feature_logits[level].detach()  # (B, R_l, classes)
         found = (logits.argmax(-1) == target[:, None]) & (true_class_prob(logits, target) >= threshold)
-        parent = torch.arange(parents, device=sel.cells.device).repeat_interleave(k)  # (R_l,)
-        slots = parent[None] * n_cells + sel.cells  # (B, R_l) index into the flattened (parents, N*N)
+        slots = sel.parents()[None] * n_cells + sel.cells  # (B, R_l) index into the flattened (parents, N*N)
         goal = sel.probs.new_zeros(batch, parents * n_cells).scatter_add_(1, slots, found.to(sel.probs.dtype))
         goal = goal.clamp_max_(1.0).view(batch, parents, n_cells)  # a cell chosen twice counts once
         mass = goal.sum(-1)  # (B, parents)

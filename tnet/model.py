@@ -39,6 +39,11 @@ class LevelSelection:
     logits: Tensor  # (B, R_{l-1}, N*N) raw location scores (auxiliary losses read these)
     cell_logits: Tensor | None = None  # (B, R_{l-1}, N*N, classes) with cfg.loc_classes
 
+    def parents(self) -> Tensor:
+        """(R_l,) the parent region of each chosen cell: each parent's k cells are consecutive."""
+        regions = self.probs.shape[1]
+        return torch.arange(regions, device=self.cells.device).repeat_interleave(self.cells.shape[1] // regions)
+
 
 @dataclass
 class TNetOutput:

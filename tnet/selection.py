@@ -36,15 +36,17 @@ def suppressed_topk(first: Tensor, rest: Tensor, keep: int, k: int, neighbours: 
     cells = first.shape[1]
     if not 0 <= keep <= k <= cells or neighbours.shape != (cells, cells):
         raise ValueError(f"keep={keep}, k={k}, neighbours {tuple(neighbours.shape)}: need 0 <= keep <= k <= {cells}")
+    if not bool(neighbours.diagonal().all()):
+        raise ValueError("neighbours: every cell must be its own neighbour (as neighbourhood() builds it)")
     neighbours = neighbours.to(first.device)
     chosen = torch.zeros_like(first, dtype=torch.bool)
-    blocked = torch.zeros_like(chosen)
+    blocked = torch.zeros_like(chosen)  # every cell is its own neighbour: chosen ones are blocked too
     picks = []
     for step in range(k):
         keys = first if step < keep else rest
-        free = keys.masked_fill(chosen | blocked, float("-inf"))
+        free = keys.masked_fill(blocked, float("-inf"))
         fallback = keys.masked_fill(chosen, float("-inf"))
-        has_free = (~(chosen | blocked)).any(dim=1)
+        has_free = (~blocked).any(dim=1)
         pick = torch.where(has_free, free.argmax(dim=1), fallback.argmax(dim=1))  # (R,)
         picks.append(pick)
         chosen[torch.arange(len(pick), device=pick.device), pick] = True
