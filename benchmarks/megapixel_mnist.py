@@ -90,6 +90,8 @@ SIDE_STEP = 16  # baseline input sides are multiples of the backbones' total str
 # Pyramid tile side. 64 px at 1500 px too: six 165 px cells decoded 11.6% of the pixels with 64 px
 # tiles against 19% with 128 px ones (same config, docs/benchmarks.md).
 TILE = 64
+ORACLE_PLACES = ("centre", "edge")
+ORACLE_VARIANTS = {"target": "oracle", "all": "oracle_all", "edge": "oracle_edge"}  # --oracle value: arm
 PICTURES = 6  # test images drawn with each TNet arm's attention at its last checkpoint
 
 
@@ -122,8 +124,9 @@ def prepare_data(dst: Path, options: dict[str, int], tile: int) -> str:
     return str(dst)
 
 
-def target_boxes(url: str, split: str) -> dict[str, np.ndarray]:
-    """Per sample key, its target digits' boxes (T, 4) in stored-image pixels, from the json members.
+def digit_table(url: str, split: str) -> dict[str, np.ndarray]:
+    """Per sample key, its digits as rows ``(x0, y0, x1, y1, digit, target)`` (D, 6), boxes in
+    stored-image pixels, from the json members.
 
     The source writes digit boxes under ``meta.digits`` (``meta.boxes`` is read too), in canvas
     pixels; ``scale`` (stored / source width) maps them onto the pyramid's level 0.
@@ -137,10 +140,18 @@ def target_boxes(url: str, split: str) -> dict[str, np.ndarray]:
                     continue
                 info = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
                 meta = info.get("meta", {})
-                boxes = [d["box"] for d in meta.get("boxes", meta.get("digits", [])) if d.get("target")]
-                key = Path(member.name).name.split(".", 1)[0]
-                out[key] = np.asarray(boxes, np.float64).reshape(-1, 4) * float(info.get("scale", 1.0))
+                scale = float(info.get("scale", 1.0))
+                rows = [[*(float(v) * scale for v in d["box"]), float(d.get("digit", -1)), float(bool(d.get("target")))]
+                        for d in meta.get("boxes", meta.get("digits", []))]  # fmt: skip
+                out[Path(member.name).name.split(".", 1)[0]] = np.asarray(rows, np.float64).reshape(-1, 6)
     return out
+
+
+def target_boxes(url: str, split: str, targets_only: bool = True) -> dict[str, np.ndarray]:
+    """Per sample key, its target digits' boxes (T, 4) in stored-image pixels (every digit's,
+    distractors included, with ``targets_only=False``); see ``digit_table``."""
+    return {key: rows[rows[:, 5] > 0, :4] if targets_only else rows[:, :4]
+            for key, rows in digit_table(url, split).items()}  # fmt: skip
 
 
 def containment(boxes: np.ndarray, digits: np.ndarray, tol: float = 1e-3) -> np.ndarray:
@@ -242,10 +253,11 @@ class Arm:
 
 class TNetArm(Arm):
     def __init__(self, name: str, cfg: JobConfig, url: str, executor: ThreadPoolExecutor,
-                 targets: dict[str, np.ndarray]) -> None:  # fmt: skip
+                 table: dict[str, np.ndarray]) -> None:  # fmt: skip
+        """``table``: every sample's digits (``digit_table`` rows), for the hit and reading metrics."""
         torch.manual_seed(cfg.train.seed)
         super().__init__(name, cfg, url, cfg.model.base_size, TNet(cfg.model))
-        self.loss, self.executor, self.targets = TNetLoss(cfg.loss), executor, targets
+        self.loss, self.executor, self.table = TNetLoss(cfg.loss), executor, table
         self.examples: list[tuple[Example, np.ndarray]] = []  # the last evaluation's first images, with
         # their target digits' boxes normalised to the view, for attention pictures
         self.train_hits = self.train_targets = 0  # target digits inside the cells trained on
@@ -270,8 +282,29 @@ class TNetArm(Arm):
     def infer(self, batch: Batch) -> Any:
         return self.forward(batch, batch.region_source(self.cfg.model.in_chans, self.executor, self.cfg.model.antialias))
 
-    def digits(self, key: str) -> np.ndarray:
-        return self.targets.get(key, np.zeros((0, 4)))
+    def digits(self, key: str, targets_only: bool = True) -> np.ndarray:
+        """The sample's target digits' boxes (T, 4) in stored-image pixels (all digits' without ``targets_only``)."""
+        rows = self.table.get(key, np.zeros((0, 6)))
+        return rows[rows[:, 5] > 0, :4] if targets_only else rows[:, :4]
+
+    def reading(self, batch: Batch, out: Any) -> np.ndarray:
+        """Counts of what the last level's attended cells show and read (any digit, distractors too):
+        (cells, cells holding a digit whole, cells holding exactly one, of those the ones whose own
+        head names that digit, distinct digits inside some cell)."""
+        counts = np.zeros(5, np.int64)
+        if not out.selections:
+            return counts
+        attended = out.selections[-1].source_boxes.double().numpy()  # (B, F, 4)
+        named = out.feature_logits[-1].argmax(-1).cpu().numpy()  # (B, F): each cell's head
+        for i, key in enumerate(batch.keys):
+            rows = self.table.get(key, np.zeros((0, 6)))
+            inside = containment(attended[i], rows[:, :4])  # (D, F)
+            per_cell = inside.sum(axis=0)
+            single = np.flatnonzero(per_cell == 1)
+            digit_of = rows[inside[:, single].argmax(axis=0), 4] if len(single) else np.zeros(0)
+            counts += [len(per_cell), int((per_cell > 0).sum()), len(single),
+                       int((named[i, single] == digit_of).sum()), int(inside.any(axis=1).sum())]  # fmt: skip
+        return counts
 
     def view_digits(self, batch: Batch, i: int) -> np.ndarray:
         """Image ``i``'s target digits as (T, 4) boxes normalised to its view."""
@@ -295,6 +328,7 @@ class TNetArm(Arm):
         self.recalibrate()
         seen = decoded = full = hit = targets = 0
         correct: list[int] = []
+        read = np.zeros(5, np.int64)
         self.examples = []
         for batch in self._eval_batches(split, limit):
             if len(batch) == 0:
@@ -306,12 +340,17 @@ class TNetArm(Arm):
                 correct[level] += int((lg.argmax(-1) == batch.labels).sum())
             batch_hits, batch_targets = self.hits(batch, out)
             hit, targets = hit + batch_hits, targets + batch_targets
+            read += self.reading(batch, out)
             self.examples += [(example_of(batch, out, i), self.view_digits(batch, i))
                               for i in range(min(len(batch), PICTURES - len(self.examples)))]  # fmt: skip
             seen, decoded, full = seen + len(batch), decoded + source.decoded_pixels(), full + batch.full_pixels
         row = {"accuracy": correct[-1] / max(seen, 1) if correct else 0.0, "images": seen,
                "decoded_pixel_fraction": decoded / max(full, 1), "target_digit_hit_rate": hit / max(targets, 1)}  # fmt: skip
         row |= {f"acc_level{i}": c / max(seen, 1) for i, c in enumerate(correct)}
+        cells, with_digit, single, named, distinct = (int(v) for v in read)
+        row |= {"digit_cell_fraction": with_digit / max(cells, 1),  # attended cells holding a digit (any)
+                "digits_attended_per_image": distinct / max(seen, 1),  # distinct digits (of 5) inside some cell
+                "cell_read_rate": named / max(single, 1)}  # one-digit cells whose own head names the digit
         return row
 
 
@@ -339,19 +378,25 @@ def attention_pictures(examples: list[tuple[Example, np.ndarray]], num_classes: 
     return path
 
 
-def oracle_cells(digits: np.ndarray, cells: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
+def oracle_cells(digits: np.ndarray, cells: np.ndarray, k: int, rng: np.random.Generator,
+                 place: str = "centre") -> list[int]:  # fmt: skip
     """k distinct indices into ``cells`` (N*N, 4 candidate boxes): for each digit the cell holding it
-    whole with the nearest centre, then random others (boxes in the same coordinates).
+    whole with the nearest centre (``place="edge"``: the farthest, so the digit sits at the cell's
+    border, as in a block of overlapping cells around it), then random others (boxes in the same
+    coordinates).
 
     A diagnostic, not a method: it reads the labels' boxes, so TNet trained and evaluated on these
     cells bounds what its patch path can learn once the locations are right.
     """
+    if place not in ORACLE_PLACES:
+        raise ValueError(f"place={place!r}: choose among {ORACLE_PLACES}")
     centres = (cells[:, :2] + cells[:, 2:]) / 2
     chosen: list[int] = []
     for box, inside in zip(np.asarray(digits, np.float64).reshape(-1, 4), containment(cells, digits, 1e-6)):
         if inside.any():
             candidates = np.flatnonzero(inside)
-            best = int(candidates[np.argmin(((centres[candidates] - (box[:2] + box[2:]) / 2) ** 2).sum(1))])
+            distance = ((centres[candidates] - (box[:2] + box[2:]) / 2) ** 2).sum(1)
+            best = int(candidates[np.argmin(distance) if place == "centre" else np.argmax(distance)])
             if best not in chosen:
                 chosen.append(best)
     others = [int(c) for c in rng.permutation(len(cells)) if c not in chosen]
@@ -359,20 +404,31 @@ def oracle_cells(digits: np.ndarray, cells: np.ndarray, k: int, rng: np.random.G
 
 
 class OracleArm(TNetArm):
-    """TNet reading the cells that hold the target digits (``oracle_cells``) in training and evaluation."""
+    """TNet reading the cells that hold the target digits (``oracle_cells``) in training and evaluation.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    Variants (arm names): ``oracle`` (target digits, centred cells), ``oracle_all`` (every digit,
+    distractors included: the patch path must find the majority, as with a module that finds
+    digits but not which are targets), ``oracle_edge`` (target digits at the cells' borders).
+    """
+
+    def __init__(self, *args: Any, variant: str = "target", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if variant not in ORACLE_VARIANTS:
+            raise ValueError(f"oracle variant {variant!r}: choose among {sorted(ORACLE_VARIANTS)}")
         if self.cfg.model.levels != 2:
             raise ValueError(f"the oracle arm needs model.levels=2 (one attended level), not {self.cfg.model.levels}")
         self.rng = np.random.default_rng(self.cfg.train.seed)
         size = self.cfg.model.input_size  # level 1's candidates, normalised to the view like view_digits
         self.cells = np.array(grid_boxes((0, 0, size, size), self.model.grids[0]), np.float64) / size
+        self.place = "edge" if variant == "edge" else "centre"
+        self.targets_only = variant != "all"  # whose cells are read
 
     def forward(self, batch: Batch, source: Any) -> Any:
         rng = self.rng if self.model.training else np.random.default_rng(0)  # evaluation: the same cells each time
         k = self.cfg.model.locations[0]
-        chosen = [oracle_cells(self.view_digits(batch, i), self.cells, k, rng) for i in range(len(batch))]
+        scale = [np.tile(batch.views[i].box[2:], 2) for i in range(len(batch))]
+        digits = [self.digits(key, self.targets_only) / s for key, s in zip(batch.keys, scale)]
+        chosen = [oracle_cells(d, self.cells, k, rng, self.place) for d in digits]
         return self.model(source, cells=[torch.tensor(chosen)[:, None, :]])
 
 
@@ -456,9 +512,9 @@ def train_for(arm: TNetArm | BaselineArm, budget_s: float, checkpoints_s: list[f
     return curve
 
 
-def run_arm(kind: str, name: str, cfg: JobConfig, url: str, side: int, targets: dict[str, np.ndarray], budget_s: float,
+def run_arm(kind: str, name: str, cfg: JobConfig, url: str, side: int, table: dict[str, np.ndarray], budget_s: float,
             checkpoints_s: list[float], limit: int | None, threads: int, pictures: Path) -> list[dict[str, Any]]:  # fmt: skip
-    """Build one arm (``kind`` "tnet", "oracle" or "baseline") and train it; top level so a spawned process can run it.
+    """Build one arm (``kind`` "tnet", "baseline" or an oracle arm's name) and train it; top level so a spawned process can run it.
 
     A TNet arm also draws its attention on the first test images at the last checkpoint into
     ``pictures`` with the arm's name inserted (``x.png`` -> ``x.tnet.attention.png``); the last
@@ -466,8 +522,13 @@ def run_arm(kind: str, name: str, cfg: JobConfig, url: str, side: int, targets: 
     """
     torch.set_num_threads(threads)
     with ThreadPoolExecutor(cfg.data.decode_threads) as pool:
-        arms = {"tnet": TNetArm, "oracle": OracleArm}
-        arm = arms[kind](name, cfg, url, pool, targets) if kind in arms else BaselineArm(name, cfg, url, side)
+        oracles = {arm: variant for variant, arm in ORACLE_VARIANTS.items()}
+        if kind in oracles:
+            arm: Arm = OracleArm(name, cfg, url, pool, table, variant=oracles[kind])
+        elif kind == "tnet":
+            arm = TNetArm(name, cfg, url, pool, table)
+        else:
+            arm = BaselineArm(name, cfg, url, side)
         curve = train_for(arm, budget_s, checkpoints_s, limit)
     if isinstance(arm, TNetArm) and arm.examples:
         path = attention_pictures(arm.examples, cfg.model.num_classes, pictures.with_suffix(f".{name}.attention.png"))
@@ -515,9 +576,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1,
                         help="arms trained at once, each in its own process (e.g. --jobs 2 --threads 1 on 2 cores)")
     parser.add_argument("--arms", help="comma-separated arms to train (default all: tnet, baseline and every --ablation)")
-    parser.add_argument("--oracle", action="store_true",
-                        help="also train arm 'oracle': TNet reading the cells that hold the target digits (from the "
-                             "labels' boxes) in training and evaluation, a ceiling for the patch path, not a result")
+    parser.add_argument("--oracle", nargs="*", choices=sorted(ORACLE_VARIANTS), metavar="VARIANT",
+                        help="also train diagnostic arms that read the cells holding the digits (from the labels' boxes) "
+                             "in training and evaluation, ceilings for the patch path, not results: 'target' (the "
+                             "default; arm 'oracle': the target digits, centred), 'all' (arm 'oracle_all': distractors "
+                             "too), 'edge' (arm 'oracle_edge': target digits at the cells' borders)")
     parser.add_argument("--baseline-size", type=int, help="baseline input side (default: FLOPs-matched)")
     parser.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -532,12 +595,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.arms = None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
     except ValueError as exc:
         parser.error(str(exc))
-    if {"tnet", "baseline", "oracle"} & set(args.ablation):
-        parser.error("--ablation names tnet, baseline and oracle are taken by the built-in arms")
-    unknown = set(args.arms or ()) - {"tnet", "baseline", *args.ablation, *(["oracle"] if args.oracle else [])}
+    args.oracle = [] if args.oracle is None else [ORACLE_VARIANTS[v] for v in dict.fromkeys(args.oracle or ["target"])]
+    if {"tnet", "baseline", *ORACLE_VARIANTS.values()} & set(args.ablation):
+        parser.error(f"--ablation names tnet, baseline and {', '.join(ORACLE_VARIANTS.values())} are taken by the "
+                     "built-in arms")
+    unknown = set(args.arms or ()) - {"tnet", "baseline", *args.ablation, *args.oracle}
     if unknown or args.arms == []:
         parser.error(f"--arms {sorted(unknown) or 'empty'}: choose among tnet, baseline, the --ablation names "
-                     "and oracle (with --oracle)")
+                     "and the oracle arms (with --oracle)")
     if args.minutes <= 0 or args.threads < 1 or args.jobs < 1 or any(m < 0 for m in args.eval_at):
         parser.error("--minutes must be > 0, --threads and --jobs >= 1 and --eval-at minutes >= 0")
     return args
@@ -581,13 +646,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         side, base_flops = match_side(cfg, flops["tnet"], args.size)
     print(f"TNet {flops['tnet'] / 1e9:.4f} GFLOPs/image; baseline at {side} px {base_flops / 1e9:.4f} GFLOPs/image",
           flush=True)  # fmt: skip
-    targets = target_boxes(url, cfg.data.val_split) | target_boxes(url, cfg.data.train_split)  # keys hold the split
+    table = digit_table(url, cfg.data.val_split) | digit_table(url, cfg.data.train_split)  # keys hold the split
     budget, checkpoints = args.minutes * 60, [m * 60 for m in args.eval_at]
     arms = [("tnet", "tnet", cfg), ("baseline", "baseline", cfg)] + [("tnet", n, c) for n, c in variants.items() if n != "tnet"]
-    arms += [("oracle", "oracle", cfg)] if args.oracle else []
+    arms += [(name, name, cfg) for name in args.oracle]
     arms = [a for a in arms if args.arms is None or a[1] in args.arms]
     path = result_path("megapixel_mnist", args.quick, "json", args.out_dir)
-    common = (url, side, targets, budget, checkpoints, args.eval_limit, args.threads, path.with_suffix(".png"))
+    common = (url, side, table, budget, checkpoints, args.eval_limit, args.threads, path.with_suffix(".png"))
     if args.jobs == 1:
         curves = {name: run_arm(kind, name, c, *common) for kind, name, c in arms}
     else:  # one process per arm, at most --jobs at once: each arm keeps its own cores for its budget

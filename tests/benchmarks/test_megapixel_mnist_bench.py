@@ -170,16 +170,39 @@ def test_evaluation_recalibrates_the_norms_when_the_config_asks(tmp_path: Path) 
     options = {"size": 256, "n_train": 16, "n_test": 8, "n_noise": 3}
     url = mm.prepare_data(tmp_path / "data", options, 64)
     sets = [TINY[i + 1] for i, a in enumerate(TINY) if a == "--set"]
+    table = mm.digit_table(url, "test")
+    assert {len(rows) for rows in table.values()} == {5} and {int(rows[:, 5].sum()) for rows in table.values()} == {3}
     targets = mm.target_boxes(url, "test")
+    assert all(np.array_equal(targets[k], rows[rows[:, 5] > 0, :4]) for k, rows in table.items())
     with ThreadPoolExecutor(1) as pool:
         for n, changes in ((0, False), (8, True)):
             cfg = mm.job_config(mm.FULL["config"], [*sets, f"train.recalibrate_norms={n}"], url)
-            arm = mm.TNetArm("tnet", cfg, url, pool, targets)
+            arm = mm.TNetArm("tnet", cfg, url, pool, table)
             before = arm.model.level_norms.l1_0_running_mean.clone()
             row = arm.evaluate("test", None)
             after = arm.model.level_norms.l1_0_running_mean
             assert (not torch.equal(before, after)) is changes, n
             assert row["images"] == 8
+            assert 0 <= row["digit_cell_fraction"] <= 1 and 0 <= row["cell_read_rate"] <= 1
+            assert 0 <= row["digits_attended_per_image"] <= 5
+
+
+def test_reading_counts_cells_digits_and_what_each_head_names() -> None:
+    """The reading metrics: a cell holding two digits is not scored; a digit inside two cells counts once."""
+    from types import SimpleNamespace
+
+    mm = load()
+    table = {"a": np.array([[10, 10, 38, 38, 7, 1], [100, 100, 128, 128, 3, 0], [300, 300, 328, 328, 1, 1]], float)}
+    cells = torch.tensor([[[0, 0, 50, 50], [5, 5, 60, 60], [90, 90, 200, 200], [0, 0, 400, 400], [500, 500, 600, 600]]])
+    logits = torch.full((1, 5, 10), -1.0)
+    for cell, named in enumerate([7, 2, 3, 3, 0]):
+        logits[0, cell, named] = 1.0
+    out = SimpleNamespace(selections=[SimpleNamespace(source_boxes=cells.double())], feature_logits=[None, logits])
+    counts = mm.TNetArm.reading(SimpleNamespace(table=table), SimpleNamespace(keys=["a"]), out)
+    # 5 cells; 4 hold a digit; cells 0-2 hold exactly one (7, 7, 3), heads name 7, 2, 3; digits seen: 7, 3, 1
+    assert counts.tolist() == [5, 4, 3, 2, 3]
+    empty = SimpleNamespace(selections=[], feature_logits=[logits])
+    assert mm.TNetArm.reading(SimpleNamespace(table=table), SimpleNamespace(keys=["a"]), empty).tolist() == [0] * 5
 
 
 @settings(max_examples=60, deadline=None)
@@ -191,22 +214,35 @@ def test_oracle_cells_hold_every_digit_whole_when_k_allows(corners, k, seed) -> 
     grid = candidate_grid(256, 4, 0.5)  # 128 px cells at stride 43: every 28 px digit fits whole in one
     digits = np.array([[x, y, x + 28, y + 28] for x, y in corners], np.float64).reshape(-1, 4) / 256
     candidates = np.array(grid_boxes((0, 0, 256, 256), grid), np.float64) / 256
-    cells = mm.oracle_cells(digits, candidates, k, np.random.default_rng(seed))
-    assert len(cells) == k == len(set(cells)) and all(0 <= c < grid.cells for c in cells)
-    boxes = np.array([[*grid.cell_offset(c), *(np.array(grid.cell_offset(c)) + grid.patch)] for c in cells], np.float64)
-    if len(corners) <= k:
-        assert mm.digits_inside(boxes, digits * 256) == len(corners)
+    picks = {place: mm.oracle_cells(digits, candidates, k, np.random.default_rng(seed), place) for place in ("centre", "edge")}
+    centres = (candidates[:, :2] + candidates[:, 2:]) / 2
+    for cells in picks.values():
+        assert len(cells) == k == len(set(cells)) and all(0 <= c < grid.cells for c in cells)
+        boxes = np.array([[*grid.cell_offset(c), *(np.array(grid.cell_offset(c)) + grid.patch)] for c in cells], np.float64)
+        if len(corners) <= k:
+            assert mm.digits_inside(boxes, digits * 256) == len(corners)
+    if len(corners) == 1:  # the edge variant's cell lies no nearer the digit's centre than the centred one's
+        middle = (digits[0, :2] + digits[0, 2:]) / 2
+        far, near = (((centres[picks[p][0]] - middle) ** 2).sum() for p in ("edge", "centre"))
+        assert far >= near
+    with pytest.raises(ValueError, match="place"):
+        mm.oracle_cells(digits, candidates, k, np.random.default_rng(seed), "middle")
 
 
-def test_oracle_arm_attends_every_target_digit(tmp_path: Path) -> None:
-    """``--oracle``: TNet reads the labelled digits' cells, so evaluation attends all of them."""
+def test_oracle_arms_attend_every_target_digit(tmp_path: Path) -> None:
+    """``--oracle``: TNet reads the labelled digits' cells, so evaluation attends all of them, in every
+    variant (k = 6 cells hold the 3 target and 2 other digits of ``oracle_all``)."""
     mm = load()
-    argv = [*TINY, "--set", "model.overlap=0.5", "--set", "model.locations=[4]", "--data", str(tmp_path / "data"),
-            "--out-dir", str(tmp_path), "--oracle", "--arms", "oracle"]  # fmt: skip
-    result = mm.main(argv)
-    assert set(result["curves"]) == {"oracle"} and result["test_accuracy"] is None
-    assert [p["target_digit_hit_rate"] for p in result["curves"]["oracle"]] == [1.0, 1.0]
+    argv = [*TINY, "--set", "model.overlap=0.5", "--set", "model.locations=[6]", "--data", str(tmp_path / "data"),
+            "--out-dir", str(tmp_path), "--oracle", "target", "all", "edge"]  # fmt: skip
+    result = mm.main([*argv, "--arms", "oracle,oracle_all,oracle_edge"])
+    assert set(result["curves"]) == {"oracle", "oracle_all", "oracle_edge"} and result["test_accuracy"] is None
+    for curve in result["curves"].values():
+        assert [p["target_digit_hit_rate"] for p in curve] == [1.0, 1.0]
+    assert [p["digits_attended_per_image"] for p in result["curves"]["oracle_all"]] == [5.0, 5.0]
     assert result["oracle_test_accuracy"] == result["curves"]["oracle"][-1]["accuracy"]
-    for bad in (["--arms", "oracle"], ["--ablation", "oracle=model.grid=5"]):
+    assert mm.parse_args([*TINY, "--oracle"]).oracle == ["oracle"]
+    for bad in (["--arms", "oracle"], ["--ablation", "oracle=model.grid=5"], ["--oracle", "all", "--arms", "oracle"],
+                ["--oracle", "middle"]):  # fmt: skip
         with pytest.raises(SystemExit):
             mm.parse_args(bad)
