@@ -8,7 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tnet.config import TNetConfig
-from tnet.losses import LossConfig, TNetLoss, cell_mil_loss, found_cell_loss, relative_likelihood
+from tnet.losses import (
+    LossConfig,
+    TNetLoss,
+    cell_mil_loss,
+    found_cell_loss,
+    relative_confidence,
+    relative_likelihood,
+)
 from tnet.model import LevelSelection, TNet, TNetOutput
 from tnet.regions import TensorRegionSource
 
@@ -257,8 +264,29 @@ def test_relative_feature_reward_raises_the_cells_the_heads_read_best():
     assert abs(float(relative.sum())) < 1e-6
     correct = grads("correct")  # the paper: every head wrong here (argmax class 0), all pushed down alike
     assert torch.all(correct > 0) and torch.allclose(correct, correct[0].expand(3))
+    # label-free: the top probabilities are 0.55 (class 0), 0.7 (class 0), 0.9 (class 0): the third
+    # cell's head is the surest, though of a wrong class, and is raised; the first is lowered
+    confidence = grads("confidence")
+    assert confidence[0] > 0 > confidence[2] and abs(float(confidence.sum())) < 1e-6
     with pytest.raises(ValueError, match="feature_reward"):
         LossConfig(feature_reward="likely")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 7), st.integers(2, 6), st.integers(0, 2**31 - 1))
+def test_relative_confidence_ranks_the_surest_heads_whatever_the_label(batch, regions, classes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, regions, classes, generator=gen, requires_grad=True)
+    adv = relative_confidence(logits)
+    assert adv.shape == (batch, regions) and not adv.requires_grad  # a reward, not a path
+    assert torch.allclose(adv.sum(dim=1), torch.zeros(batch), atol=1e-6)
+    top = logits.detach().softmax(-1).amax(-1)
+    if regions > 1:  # the order of the advantages is the order of the heads' top probabilities
+        assert torch.equal(adv.argmax(dim=1), top.argmax(dim=1))
+        f = regions - 1
+        assert torch.allclose(adv[:, f], top[:, f] - top[:, :f].mean(dim=1), atol=1e-6)
+    else:
+        assert torch.equal(adv, torch.zeros(batch, 1))
 
 
 def test_score_pooling_lets_cross_entropy_reach_the_location_scores_only():
