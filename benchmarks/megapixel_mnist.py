@@ -409,10 +409,15 @@ class OracleArm(TNetArm):
     Variants (arm names): ``oracle`` (target digits, centred cells), ``oracle_all`` (every digit,
     distractors included: the patch path must find the majority, as with a module that finds
     digits but not which are targets), ``oracle_edge`` (target digits at the cells' borders).
+    ``delay``: the first that many training images read the location module's own choices, as
+    a learned TNet's do before its module takes off (evaluation always reads the oracle's cells).
     """
 
-    def __init__(self, *args: Any, variant: str = "target", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, variant: str = "target", delay: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if delay < 0:
+            raise ValueError(f"delay={delay}: must be >= 0 training images")
+        self.delay, self.trained = delay, 0
         if variant not in ORACLE_VARIANTS:
             raise ValueError(f"oracle variant {variant!r}: choose among {sorted(ORACLE_VARIANTS)}")
         if self.cfg.model.levels != 2:
@@ -424,6 +429,10 @@ class OracleArm(TNetArm):
         self.targets_only = variant != "all"  # whose cells are read
 
     def forward(self, batch: Batch, source: Any) -> Any:
+        if self.model.training and torch.is_grad_enabled():  # a training step, not norm recalibration
+            self.trained += len(batch)
+            if self.trained <= self.delay:
+                return self.model(source)
         rng = self.rng if self.model.training else np.random.default_rng(0)  # evaluation: the same cells each time
         k = self.cfg.model.locations[0]
         scale = [np.tile(batch.views[i].box[2:], 2) for i in range(len(batch))]
@@ -513,7 +522,8 @@ def train_for(arm: TNetArm | BaselineArm, budget_s: float, checkpoints_s: list[f
 
 
 def run_arm(kind: str, name: str, cfg: JobConfig, url: str, side: int, table: dict[str, np.ndarray], budget_s: float,
-            checkpoints_s: list[float], limit: int | None, threads: int, pictures: Path) -> list[dict[str, Any]]:  # fmt: skip
+            checkpoints_s: list[float], limit: int | None, threads: int, pictures: Path,
+            oracle_delay: int = 0) -> list[dict[str, Any]]:  # fmt: skip
     """Build one arm (``kind`` "tnet", "baseline" or an oracle arm's name) and train it; top level so a spawned process can run it.
 
     A TNet arm also draws its attention on the first test images at the last checkpoint into
@@ -524,7 +534,7 @@ def run_arm(kind: str, name: str, cfg: JobConfig, url: str, side: int, table: di
     with ThreadPoolExecutor(cfg.data.decode_threads) as pool:
         oracles = {arm: variant for variant, arm in ORACLE_VARIANTS.items()}
         if kind in oracles:
-            arm: Arm = OracleArm(name, cfg, url, pool, table, variant=oracles[kind])
+            arm: Arm = OracleArm(name, cfg, url, pool, table, variant=oracles[kind], delay=oracle_delay)
         elif kind == "tnet":
             arm = TNetArm(name, cfg, url, pool, table)
         else:
@@ -581,6 +591,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "in training and evaluation, ceilings for the patch path, not results: 'target' (the "
                              "default; arm 'oracle': the target digits, centred), 'all' (arm 'oracle_all': distractors "
                              "too), 'edge' (arm 'oracle_edge': target digits at the cells' borders)")
+    parser.add_argument("--oracle-delay", type=int, default=0, metavar="IMAGES",
+                        help="the oracle arms' first IMAGES training images read the location module's own cells "
+                             "(as before a learned module takes off); evaluation reads the oracle's")
     parser.add_argument("--baseline-size", type=int, help="baseline input side (default: FLOPs-matched)")
     parser.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -605,6 +618,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      "and the oracle arms (with --oracle)")
     if args.minutes <= 0 or args.threads < 1 or args.jobs < 1 or any(m < 0 for m in args.eval_at):
         parser.error("--minutes must be > 0, --threads and --jobs >= 1 and --eval-at minutes >= 0")
+    if args.oracle_delay < 0:
+        parser.error("--oracle-delay must be >= 0 images")
     return args
 
 
@@ -652,7 +667,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arms += [(name, name, cfg) for name in args.oracle]
     arms = [a for a in arms if args.arms is None or a[1] in args.arms]
     path = result_path("megapixel_mnist", args.quick, "json", args.out_dir)
-    common = (url, side, table, budget, checkpoints, args.eval_limit, args.threads, path.with_suffix(".png"))
+    common = (url, side, table, budget, checkpoints, args.eval_limit, args.threads, path.with_suffix(".png"),
+              args.oracle_delay)  # fmt: skip
     if args.jobs == 1:
         curves = {name: run_arm(kind, name, c, *common) for kind, name, c in arms}
     else:  # one process per arm, at most --jobs at once: each arm keeps its own cores for its budget

@@ -246,3 +246,31 @@ def test_oracle_arms_attend_every_target_digit(tmp_path: Path) -> None:
                 ["--oracle", "middle"]):  # fmt: skip
         with pytest.raises(SystemExit):
             mm.parse_args(bad)
+
+
+def test_oracle_delay_reads_the_modules_cells_until_the_images_are_trained(tmp_path: Path) -> None:
+    """``--oracle-delay``: training reads the location module's own cells first, then the oracle's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mm = load()
+    url = mm.prepare_data(tmp_path / "data", {"size": 256, "n_train": 16, "n_test": 8, "n_noise": 3}, 64)
+    sets = [TINY[i + 1] for i, a in enumerate(TINY) if a == "--set"] + ["model.overlap=0.5", "model.locations=[6]"]
+    cfg = mm.job_config(mm.FULL["config"], sets, url)
+    table = mm.digit_table(url, "train")
+    with ThreadPoolExecutor(1) as pool:
+        arm = mm.OracleArm("oracle_all", cfg, url, pool, table, variant="all", delay=4)
+        batch = next(iter(mm.make_loader(arm.spec("train", 0, True, 4), 4, 0)))
+        arm.model.train()
+        seen = []
+        for _ in range(2):
+            out = arm.forward(batch, batch.region_source(1, pool, True))
+            seen.append(int(arm.reading(batch, out)[4]))  # distinct digits inside the attended cells
+        with torch.no_grad():  # norm recalibration and evaluation do not count as training
+            arm.forward(batch, batch.region_source(1, pool, True))
+    assert arm.trained == 8
+    assert seen[0] < 5 * len(batch) == seen[1]  # the module's own picks miss digits; the oracle's hold all five
+    with pytest.raises(ValueError, match="delay"):
+        mm.OracleArm("oracle_all", cfg, url, None, table, variant="all", delay=-1)
+    assert mm.parse_args([*TINY, "--oracle", "all", "--oracle-delay", "100"]).oracle_delay == 100
+    with pytest.raises(SystemExit):
+        mm.parse_args([*TINY, "--oracle-delay", "-1"])
