@@ -147,11 +147,9 @@ def digit_table(url: str, split: str) -> dict[str, np.ndarray]:
     return out
 
 
-def target_boxes(url: str, split: str, targets_only: bool = True) -> dict[str, np.ndarray]:
-    """Per sample key, its target digits' boxes (T, 4) in stored-image pixels (every digit's,
-    distractors included, with ``targets_only=False``); see ``digit_table``."""
-    return {key: rows[rows[:, 5] > 0, :4] if targets_only else rows[:, :4]
-            for key, rows in digit_table(url, split).items()}  # fmt: skip
+def digit_boxes(rows: np.ndarray, targets_only: bool = True) -> np.ndarray:
+    """``digit_table`` rows (D, 6) -> the target digits' boxes (T, 4), or every digit's without ``targets_only``."""
+    return rows[rows[:, 5] > 0, :4] if targets_only else rows[:, :4]
 
 
 def containment(boxes: np.ndarray, digits: np.ndarray, tol: float = 1e-3) -> np.ndarray:
@@ -284,8 +282,7 @@ class TNetArm(Arm):
 
     def digits(self, key: str, targets_only: bool = True) -> np.ndarray:
         """The sample's target digits' boxes (T, 4) in stored-image pixels (all digits' without ``targets_only``)."""
-        rows = self.table.get(key, np.zeros((0, 6)))
-        return rows[rows[:, 5] > 0, :4] if targets_only else rows[:, :4]
+        return digit_boxes(self.table.get(key, np.zeros((0, 6))), targets_only)
 
     def reading(self, batch: Batch, out: Any) -> np.ndarray:
         """Counts of what the last level's attended cells show and read (any digit, distractors too):
@@ -414,12 +411,12 @@ class OracleArm(TNetArm):
     """
 
     def __init__(self, *args: Any, variant: str = "target", delay: int = 0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         if delay < 0:
             raise ValueError(f"delay={delay}: must be >= 0 training images")
-        self.delay, self.trained = delay, 0
         if variant not in ORACLE_VARIANTS:
             raise ValueError(f"oracle variant {variant!r}: choose among {sorted(ORACLE_VARIANTS)}")
+        super().__init__(*args, **kwargs)
+        self.delay, self.trained = delay, 0
         if self.cfg.model.levels != 2:
             raise ValueError(f"the oracle arm needs model.levels=2 (one attended level), not {self.cfg.model.levels}")
         self.rng = np.random.default_rng(self.cfg.train.seed)

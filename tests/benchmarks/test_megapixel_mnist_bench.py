@@ -172,8 +172,10 @@ def test_evaluation_recalibrates_the_norms_when_the_config_asks(tmp_path: Path) 
     sets = [TINY[i + 1] for i, a in enumerate(TINY) if a == "--set"]
     table = mm.digit_table(url, "test")
     assert {len(rows) for rows in table.values()} == {5} and {int(rows[:, 5].sum()) for rows in table.values()} == {3}
-    targets = mm.target_boxes(url, "test")
-    assert all(np.array_equal(targets[k], rows[rows[:, 5] > 0, :4]) for k, rows in table.items())
+    for rows in table.values():  # the target digits' boxes are the rows flagged as targets, in order
+        targets, boxes = mm.digit_boxes(rows), mm.digit_boxes(rows, targets_only=False)
+        assert targets.shape == (3, 4) and boxes.shape == (5, 4)
+        assert np.array_equal(targets, boxes[[i for i, row in enumerate(rows) if row[5] == 1]])
     with ThreadPoolExecutor(1) as pool:
         for n, changes in ((0, False), (8, True)):
             cfg = mm.job_config(mm.FULL["config"], [*sets, f"train.recalibrate_norms={n}"], url)
@@ -221,10 +223,13 @@ def test_oracle_cells_hold_every_digit_whole_when_k_allows(corners, k, seed) -> 
         boxes = np.array([[*grid.cell_offset(c), *(np.array(grid.cell_offset(c)) + grid.patch)] for c in cells], np.float64)
         if len(corners) <= k:
             assert mm.digits_inside(boxes, digits * 256) == len(corners)
-    if len(corners) == 1:  # the edge variant's cell lies no nearer the digit's centre than the centred one's
-        middle = (digits[0, :2] + digits[0, 2:]) / 2
+    if len(corners) == 1:  # the edge variant's cell lies no nearer the digit's centre than the centred one's,
+        middle = (digits[0, :2] + digits[0, 2:]) / 2  # and farther whenever the holding cells' distances differ
+        holding = np.flatnonzero(mm.containment(candidates, digits, 1e-6)[0])
+        distances = ((centres[holding] - middle) ** 2).sum(1)
         far, near = (((centres[picks[p][0]] - middle) ** 2).sum() for p in ("edge", "centre"))
         assert far >= near
+        assert far == distances.max() and near == distances.min()
     with pytest.raises(ValueError, match="place"):
         mm.oracle_cells(digits, candidates, k, np.random.default_rng(seed), "middle")
 
