@@ -52,6 +52,7 @@ import re
 import sys
 import tarfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,9 @@ SIDE_STEP = 16  # baseline input sides are multiples of the backbones' total str
 TILE = 64
 ORACLE_PLACES = ("centre", "edge")
 ORACLE_VARIANTS = {"target": "oracle", "all": "oracle_all", "edge": "oracle_edge"}  # --oracle value: arm
+# --oracle-reset: what starts afresh at the switch to the oracle's cells ("heads": TNet.head_modules;
+# "optimizer": Adam's moments, which remember the delay's gradients for ~1,000 steps).
+RESETS = ("heads", "optimizer")
 PICTURES = 6  # test images drawn with each TNet arm's attention at its last checkpoint
 
 
@@ -408,15 +412,20 @@ class OracleArm(TNetArm):
     digits but not which are targets), ``oracle_edge`` (target digits at the cells' borders).
     ``delay``: the first that many training images read the location module's own choices, as
     a learned TNet's do before its module takes off (evaluation always reads the oracle's cells).
+    ``reset``: what is started afresh when training switches to the oracle's cells (``RESETS``),
+    to find where the delay's harm lies.
     """
 
-    def __init__(self, *args: Any, variant: str = "target", delay: int = 0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, variant: str = "target", delay: int = 0, reset: Sequence[str] = (),
+                 **kwargs: Any) -> None:  # fmt: skip
         if delay < 0:
             raise ValueError(f"delay={delay}: must be >= 0 training images")
         if variant not in ORACLE_VARIANTS:
             raise ValueError(f"oracle variant {variant!r}: choose among {sorted(ORACLE_VARIANTS)}")
+        if set(reset) - set(RESETS) or (reset and not delay):
+            raise ValueError(f"reset={list(reset)}: choose among {sorted(RESETS)}, with a delay > 0")
         super().__init__(*args, **kwargs)
-        self.delay, self.trained = delay, 0
+        self.delay, self.trained, self.reset = delay, 0, tuple(reset)
         if self.cfg.model.levels != 2:
             raise ValueError(f"the oracle arm needs model.levels=2 (one attended level), not {self.cfg.model.levels}")
         self.rng = np.random.default_rng(self.cfg.train.seed)
@@ -427,6 +436,8 @@ class OracleArm(TNetArm):
 
     def forward(self, batch: Batch, source: Any) -> Any:
         if self.model.training and torch.is_grad_enabled():  # a training step, not norm recalibration
+            if self.trained <= self.delay < self.trained + len(batch):  # the first oracle step
+                self.restart(self.reset)
             self.trained += len(batch)
             if self.trained <= self.delay:
                 return self.model(source)
@@ -436,6 +447,17 @@ class OracleArm(TNetArm):
         digits = [self.digits(key, self.targets_only) / s for key, s in zip(batch.keys, scale)]
         chosen = [oracle_cells(d, self.cells, k, rng, self.place) for d in digits]
         return self.model(source, cells=[torch.tensor(chosen)[:, None, :]])
+
+
+    def restart(self, parts: Sequence[str]) -> None:
+        """Start ``parts`` (``RESETS`` keys) afresh: new initial weights, or an empty optimiser state."""
+        if "heads" in parts:
+            self.model.restart_heads(self.cfg.train.seed)
+            for module in self.model.head_modules():
+                for param in module.parameters():
+                    self.opt.state.pop(param, None)  # no momentum from the old weights
+        if "optimizer" in parts:
+            self.opt.state.clear()
 
 
 class BaselineArm(Arm):
@@ -520,7 +542,7 @@ def train_for(arm: TNetArm | BaselineArm, budget_s: float, checkpoints_s: list[f
 
 def run_arm(kind: str, name: str, cfg: JobConfig, url: str, side: int, table: dict[str, np.ndarray], budget_s: float,
             checkpoints_s: list[float], limit: int | None, threads: int, pictures: Path,
-            oracle_delay: int = 0) -> list[dict[str, Any]]:  # fmt: skip
+            oracle_delay: int = 0, oracle_reset: Sequence[str] = ()) -> list[dict[str, Any]]:  # fmt: skip
     """Build one arm (``kind`` "tnet", "baseline" or an oracle arm's name) and train it; top level so a spawned process can run it.
 
     A TNet arm also draws its attention on the first test images at the last checkpoint into
@@ -531,7 +553,8 @@ def run_arm(kind: str, name: str, cfg: JobConfig, url: str, side: int, table: di
     with ThreadPoolExecutor(cfg.data.decode_threads) as pool:
         oracles = {arm: variant for variant, arm in ORACLE_VARIANTS.items()}
         if kind in oracles:
-            arm: Arm = OracleArm(name, cfg, url, pool, table, variant=oracles[kind], delay=oracle_delay)
+            arm: Arm = OracleArm(name, cfg, url, pool, table, variant=oracles[kind], delay=oracle_delay,
+                                 reset=oracle_reset)
         elif kind == "tnet":
             arm = TNetArm(name, cfg, url, pool, table)
         else:
@@ -591,6 +614,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--oracle-delay", type=int, default=0, metavar="IMAGES",
                         help="the oracle arms' first IMAGES training images read the location module's own cells "
                              "(as before a learned module takes off); evaluation reads the oracle's")
+    parser.add_argument("--oracle-reset", nargs="+", default=[], choices=sorted(RESETS), metavar="PART",
+                        help="with --oracle-delay: start these parts afresh at the switch to the oracle's cells: "
+                             "'heads' (final classifier, per-feature heads, feature weighting), 'fusion' (projection "
+                             "and position fusion), 'optimizer' (Adam's state)")
     parser.add_argument("--baseline-size", type=int, help="baseline input side (default: FLOPs-matched)")
     parser.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -617,6 +644,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--minutes must be > 0, --threads and --jobs >= 1 and --eval-at minutes >= 0")
     if args.oracle_delay < 0:
         parser.error("--oracle-delay must be >= 0 images")
+    if args.oracle_reset and not args.oracle_delay:
+        parser.error("--oracle-reset needs --oracle-delay")
     return args
 
 
@@ -665,7 +694,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arms = [a for a in arms if args.arms is None or a[1] in args.arms]
     path = result_path("megapixel_mnist", args.quick, "json", args.out_dir)
     common = (url, side, table, budget, checkpoints, args.eval_limit, args.threads, path.with_suffix(".png"),
-              args.oracle_delay)  # fmt: skip
+              args.oracle_delay, args.oracle_reset)  # fmt: skip
     if args.jobs == 1:
         curves = {name: run_arm(kind, name, c, *common) for kind, name, c in arms}
     else:  # one process per arm, at most --jobs at once: each arm keeps its own cores for its budget

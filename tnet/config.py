@@ -82,6 +82,14 @@ class TNetConfig:
     # Separate BatchNorm running statistics per level (tnet.levelnorm). Off in the paper, where
     # levels look alike; needed where the whole view and the patches differ (Megapixel MNIST).
     level_norm_stats: bool = False
+    # Cold start (0 = never, the paper). After this many training images the layers that read the
+    # backbone's features (position fusion, feature weighting, per-feature heads, final classifier:
+    # TNet.head_modules) start again from new initial weights, once. Before the location module
+    # ranks, the heads train on cells without digits and the classifier on the base view's answer;
+    # measured at 1500 px, that start cut what the right cells later taught by 2-3x, and
+    # restarting these layers at the switch won back part of it (docs/benchmarks.md). Set it to
+    # when the module has taken off (with the exploration anneal: explore_anneal_images).
+    restart_heads_at: int = 0
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
@@ -120,6 +128,8 @@ class TNetConfig:
                 raise ValueError(f"explore_scale_end={self.explore_scale_end}: must be > 0")
             if self.explore_anneal_images < 1:
                 raise ValueError(f"explore_anneal_images={self.explore_anneal_images}: must be >= 1 with explore_scale_end")
+        if self.restart_heads_at < 0:
+            raise ValueError(f"restart_heads_at={self.restart_heads_at}: must be >= 0 training images (0 = never)")
         if self.loc_temperature <= 0:
             raise ValueError(f"loc_temperature={self.loc_temperature}: must be > 0")
         level_grids(self.input_size, self.levels, self.grid, self.overlap)  # raises on bad geometry

@@ -85,7 +85,8 @@ class TNet(nn.Module):
         self.classifier = nn.Linear(dim, cfg.num_classes)
         self.feature_heads = nn.ModuleList(nn.Linear(dim, cfg.num_classes) for _ in range(cfg.levels))
         self.level_norms = LevelNormStats(self.backbone, cfg.levels) if cfg.level_norm_stats else None
-        if cfg.explore_scale_end is not None:  # training images seen, for the exploration anneal
+        if cfg.explore_scale_end is not None or cfg.restart_heads_at:  # training images seen, for the
+            # exploration anneal and the heads' restart (a buffer: it resumes with the checkpoint)
             self.register_buffer("explore_images", torch.zeros((), dtype=torch.long))
         if cfg.suppress:  # which cells each pick suppresses (the same N x N grid at every level)
             self.register_buffer("neighbours", neighbourhood(cfg.grid, cfg.suppress), persistent=False)
@@ -96,6 +97,21 @@ class TNet(nn.Module):
             read = cfg.base_size if i == 0 else cfg.region_size
             centres = torch.tensor(grid.centres(), dtype=torch.float32) * read / grid.side
             self.register_buffer(f"centres_{i}", centres, persistent=False)  # (N,) pixels as read
+
+    def head_modules(self) -> list[nn.Module]:
+        """The layers that read the backbone's features (``restart_heads_at`` starts them afresh)."""
+        return [self.project, self.position, self.classifier, self.feature_heads,
+                *([self.weighting] if self.weighting is not None else [])]  # fmt: skip
+
+    def restart_heads(self, seed: int = 0) -> None:
+        """New initial weights for ``head_modules``, drawn from ``seed`` alone, so that every DDP
+        rank draws the same ones whatever its own random state."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for module in self.head_modules():
+                for layer in module.modules():
+                    if hasattr(layer, "reset_parameters"):
+                        layer.reset_parameters()
 
     # -- pieces ---------------------------------------------------------------------------------
     def encode(self, patches: Tensor, pos: Tensor, level: int = 0) -> tuple[Tensor, Tensor]:
@@ -188,6 +204,10 @@ class TNet(nn.Module):
         if len(locs) != len(self.grids) or any(not 1 <= k <= cfg.grid**2 for k in locs):
             raise ValueError(f"locations={list(locs)}: need {len(self.grids)} values in 1..{cfg.grid ** 2}")
         batch, size, base = len(source), float(cfg.input_size), cfg.base_size
+        if self.training and torch.is_grad_enabled() and cfg.restart_heads_at:  # before any head is used
+            seen = int(self.explore_images)
+            if seen < cfg.restart_heads_at <= seen + batch:
+                self.restart_heads(cfg.restart_heads_at)
         decoded_before = source.decoded_pixels()
         device = self.classifier.weight.device
 

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -253,15 +254,21 @@ def test_oracle_arms_attend_every_target_digit(tmp_path: Path) -> None:
             mm.parse_args(bad)
 
 
-def test_oracle_delay_reads_the_modules_cells_until_the_images_are_trained(tmp_path: Path) -> None:
-    """``--oracle-delay``: training reads the location module's own cells first, then the oracle's."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def oracle_setup(tmp_path: Path) -> tuple[Any, str, Any, dict[str, Any]]:
+    """The benchmark module, a tiny dataset's URL, a config for oracle arms on it and its digit table."""
     mm = load()
     url = mm.prepare_data(tmp_path / "data", {"size": 256, "n_train": 16, "n_test": 8, "n_noise": 3}, 64)
     sets = [TINY[i + 1] for i, a in enumerate(TINY) if a == "--set"] + ["model.overlap=0.5", "model.locations=[6]"]
     cfg = mm.job_config(mm.FULL["config"], sets, url)
     table = mm.digit_table(url, "train")
+    return mm, url, cfg, table
+
+
+def test_oracle_delay_reads_the_modules_cells_until_the_images_are_trained(tmp_path: Path) -> None:
+    """``--oracle-delay``: training reads the location module's own cells first, then the oracle's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mm, url, cfg, table = oracle_setup(tmp_path)
     with ThreadPoolExecutor(1) as pool:
         arm = mm.OracleArm("oracle_all", cfg, url, pool, table, variant="all", delay=4)
         batch = next(iter(mm.make_loader(arm.spec("train", 0, True, 4), 4, 0)))
@@ -279,3 +286,33 @@ def test_oracle_delay_reads_the_modules_cells_until_the_images_are_trained(tmp_p
     assert mm.parse_args([*TINY, "--oracle", "all", "--oracle-delay", "100"]).oracle_delay == 100
     with pytest.raises(SystemExit):
         mm.parse_args([*TINY, "--oracle-delay", "-1"])
+
+
+def test_oracle_reset_restarts_the_chosen_parts_at_the_switch(tmp_path: Path) -> None:
+    """``--oracle-reset``: at the first oracle step the heads get new weights and Adam forgets, not before."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mm, url, cfg, table = oracle_setup(tmp_path)
+    with ThreadPoolExecutor(1) as pool:
+        arm = mm.OracleArm("oracle_all", cfg, url, pool, table, variant="all", delay=4, reset=["heads", "optimizer"])
+        batch = next(iter(mm.make_loader(arm.spec("train", 0, True, 4), 4, 0)))
+        arm.step(batch)  # the delay: the module's own cells, nothing reset
+        assert arm.trained == 4 and arm.opt.state
+        heads = [arm.model.classifier.weight, arm.model.feature_heads[1].weight, arm.model.weighting.weight]
+        backbone = next(arm.model.backbone.parameters())
+        with torch.no_grad():
+            for w in heads:
+                w.fill_(7.0)
+        kept = backbone.detach().clone()
+        arm.model.train()
+        arm.forward(batch, batch.region_source(1, pool, True))  # the switch
+    assert not arm.opt.state
+    assert all(not torch.all(w.detach() == 7.0) and float(w.detach().abs().max()) < 1.0 for w in heads)
+    assert torch.equal(backbone, kept)  # parts not named stay as trained
+    for bad in ([], ["norms"]):
+        with pytest.raises(ValueError, match="reset"):
+            mm.OracleArm("oracle_all", cfg, url, None, table, variant="all", delay=0 if not bad else 4,
+                         reset=bad or ["heads"])  # fmt: skip
+    assert mm.parse_args([*TINY, "--oracle", "all", "--oracle-delay", "9", "--oracle-reset", "heads"]).oracle_reset == ["heads"]
+    with pytest.raises(SystemExit):
+        mm.parse_args([*TINY, "--oracle", "all", "--oracle-reset", "heads"])

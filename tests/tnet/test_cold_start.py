@@ -397,3 +397,47 @@ def test_found_weight_trains_the_location_module_through_a_real_forward():
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.location.parameters())
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.backbone.parameters())  # loc_detach
+
+
+def test_restart_heads_at_gives_the_feature_readers_new_weights_once_and_the_same_on_every_rank():
+    """``restart_heads_at``: when the training-image count crosses it, the fusion, weighting, heads and
+    classifier are drawn again (from the count alone, as DDP ranks need); the backbone and the location
+    module keep what they learnt; later steps and evaluation restart nothing."""
+    from tnet.losses import LossConfig, TNetLoss
+
+    cfg = dataclasses.replace(CFG, feature_weighting=True, restart_heads_at=6)
+    model = TNet(cfg).train()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    loss_fn = TNetLoss(LossConfig())
+    labels = torch.tensor([0, 1, 2, 0])
+
+    def step():
+        loss_fn(model(images(b=4)), labels)["total"].backward()
+        opt.step()
+        opt.zero_grad()
+
+    heads = lambda m: [p.detach().clone() for mod in m.head_modules() for p in mod.parameters()]  # noqa: E731
+    others = lambda m: [p.detach().clone() for n, p in m.named_parameters() if n.startswith(("backbone", "location"))]  # noqa: E731
+    step()  # images 0-3: before the restart
+    trained_heads, trained_rest = heads(model), others(model)
+    fresh = TNet(cfg)
+    fresh.restart_heads(6)
+    model.eval()
+    model(images(b=4))  # evaluation never restarts
+    assert all(torch.equal(a, b) for a, b in zip(heads(model), trained_heads))
+    model.train()
+    with torch.no_grad():
+        model(images(b=4))  # norm recalibration neither
+    assert int(model.explore_images) == 4
+    # images 4-7 cross 6: the forward starts from fresh heads, drawn as any other rank draws them
+    torch.manual_seed(123)  # the rank's own random state does not matter
+    lr, opt.param_groups[0]["lr"] = opt.param_groups[0]["lr"], 0.0
+    step()
+    assert all(torch.equal(a, b) for a, b in zip(heads(model), heads(fresh)))
+    assert all(torch.equal(a, b) for a, b in zip(others(model), trained_rest))
+    opt.param_groups[0]["lr"] = lr
+    step()  # images 8-11: trained on, not restarted again
+    assert not all(torch.equal(a, b) for a, b in zip(heads(model), heads(fresh)))
+    assert int(model.explore_images) == 12
+    with pytest.raises(ValueError, match="restart_heads_at"):
+        dataclasses.replace(CFG, restart_heads_at=-1)
