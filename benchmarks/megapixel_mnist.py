@@ -81,6 +81,7 @@ from tnet.model import TNet  # noqa: E402
 from tnet.profiling import count_flops  # noqa: E402
 from training.config import JobConfig  # noqa: E402
 from training.evaluation import Example, example_of  # noqa: E402
+from training.optim import make_optimizer  # noqa: E402
 
 CACHE = _ROOT / "benchmarks" / ".cache"
 FULL = {"size": 1500, "n_train": 5000, "n_test": 1000, "n_noise": 50, "minutes": 60.0, "eval_at": "5,10,30,60",
@@ -203,6 +204,12 @@ def match_side(cfg: JobConfig, target: int, max_side: int) -> tuple[int, int]:
     return side, baseline_flops(cfg, side)
 
 
+def kernel_norm(module: torch.nn.Module) -> float:
+    """L2 norm of ``module``'s kernels and matrices: before a BatchNorm the larger it is, the smaller
+    the effect of Adam's ~lr-sized steps (the backbone's growth is logged at each checkpoint)."""
+    return float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in module.parameters() if p.ndim >= 2)))
+
+
 # -- models under a budget -------------------------------------------------------------------------
 class Arm:
     """One model and its optimiser; subclasses add ``step(batch) -> (loss, decoded pixels)`` and
@@ -210,7 +217,7 @@ class Arm:
 
     def __init__(self, name: str, cfg: JobConfig, url: str, side: int, model: torch.nn.Module) -> None:
         self.name, self.cfg, self.url, self.side, self.model = name, cfg, url, side, model
-        self.opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+        self.opt = make_optimizer(model, cfg.train)
 
     def spec(self, split: str, epoch: int, train: bool, quota: int) -> StreamSpec:
         d = self.cfg.data
@@ -263,6 +270,7 @@ class TNetArm(Arm):
         self.examples: list[tuple[Example, np.ndarray]] = []  # the last evaluation's first images, with
         # their target digits' boxes normalised to the view, for attention pictures
         self.train_hits = self.train_targets = 0  # target digits inside the cells trained on
+        self.kernel_norm0 = kernel_norm(self.model.backbone)
 
     def step(self, batch: Batch) -> tuple[float, int]:
         self.model.train()
@@ -322,7 +330,8 @@ class TNetArm(Arm):
         hits, total = self.train_hits, self.train_targets
         self.train_hits = self.train_targets = 0
         scale = {"explore_scale": self.model.explore_scale()} if self.cfg.model.explore == "gumbel" else {}
-        return scale | ({"train_target_digit_hit_rate": hits / total} if total else {})
+        growth = {"backbone_kernel_growth": kernel_norm(self.model.backbone) / self.kernel_norm0}
+        return scale | growth | ({"train_target_digit_hit_rate": hits / total} if total else {})
 
     @torch.no_grad()
     def evaluate(self, split: str, limit: int | None) -> dict[str, float]:

@@ -48,6 +48,12 @@ class TrainConfig:
     lr: float = 1e-3  # Adam; no weight decay for TNet (paper)
     lr_decay_at: float = 0.8  # fraction of training after which lr is multiplied by lr_decay
     lr_decay: float = 0.1
+    # Decoupled weight decay (AdamW) on weights of 2+ dimensions; 0 = Adam without decay, the paper.
+    # Without it Adam's steps, of about lr per weight whatever the gradient, keep growing the norm of
+    # every convolution that feeds a BatchNorm, and the larger the norm the smaller a step's effect:
+    # a backbone trained first on cells without digits (the cold start before the location module
+    # ranks) then learns from digit cells several times more slowly (docs/benchmarks.md).
+    weight_decay: float = 0.0
     seed: int = 0
     num_workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
@@ -71,6 +77,8 @@ class TrainConfig:
             raise ValueError("train.epochs, batch_size and num_workers must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"train.lr={self.lr}: must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"train.weight_decay={self.weight_decay}: must be >= 0 (0 = Adam, no decay)")
         if self.recalibrate_norms < 0:
             raise ValueError(f"train.recalibrate_norms={self.recalibrate_norms}: must be >= 0 (0 = off)")
         if not 0.0 < self.lr_decay_at <= 1.0:

@@ -40,6 +40,7 @@ from tnet.model import TNet
 from training.config import JobConfig, job_config_from_dict
 from training.data_errors import TolerantRegionSource, error_entries, every_rank_has, gather_json
 from training.evaluation import evaluate_loader
+from training.optim import make_optimizer
 from training.tracking import RankZeroTracker
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = TNet(cfg.model)
     loss_fn = TNetLoss(cfg.loss).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    opt = make_optimizer(model, cfg.train)
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

@@ -97,6 +97,8 @@ def test_tiny_run_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capt
     assert 0.0 <= line["curves"]["tnet"][-1]["train_target_digit_hit_rate"] <= 1.0
     assert "train_target_digit_hit_rate" not in line["curves"]["tnet"][0]  # untrained: no steps yet
     assert "train_target_digit_hit_rate" not in line["curves"]["baseline"][-1]
+    growth = [p["backbone_kernel_growth"] for p in line["curves"]["tnet"]]
+    assert growth[0] == 1.0 and growth[1] != 1.0  # the backbone's kernel norm against its initial one
     flops = line["flops"]
     assert 1 / 1.2 <= flops["baseline_gflops"] / flops["tnet_gflops"] <= 1.2, flops
     assert flops["baseline_input_size"] % 16 == 0

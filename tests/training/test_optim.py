@@ -1,0 +1,36 @@
+"""training.optim: Adam by default; with train.weight_decay, decay on weight tensors only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from training.config import TrainConfig
+from training.optim import make_optimizer
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
+
+
+def test_no_decay_is_the_papers_adam() -> None:
+    opt = make_optimizer(model(), TrainConfig(lr=0.01))
+    assert type(opt) is torch.optim.Adam and opt.param_groups[0]["weight_decay"] == 0
+
+
+def test_decay_shrinks_kernels_and_matrices_but_not_biases_or_norm_scales() -> None:
+    net = model()
+    net(torch.zeros(1, 1, 5, 5))  # materialise the lazy layer
+    opt = make_optimizer(net, TrainConfig(lr=0.01, weight_decay=0.5))
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: only the decay moves anything
+    opt.step()
+    for name, p in net.named_parameters():
+        factor = 1 - 0.01 * 0.5 if p.ndim >= 2 else 1.0
+        assert torch.allclose(p.detach(), before[name] * factor), name
+    assert {n for n, p in net.named_parameters() if p.ndim >= 2} == {"0.weight", "3.weight"}
+    with pytest.raises(ValueError, match="weight_decay"):
+        TrainConfig(weight_decay=-1)

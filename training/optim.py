@@ -1,0 +1,25 @@
+"""The optimiser every training loop builds from ``TrainConfig`` (the job and the benchmarks)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training.config import TrainConfig
+
+
+def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (the paper), or AdamW with ``train.weight_decay`` on the weight matrices and kernels.
+
+    Only tensors of two or more dimensions decay: the convolutions before a BatchNorm are scale-free,
+    so decay only holds their norm (and with it Adam's effective step) in check, while shrinking
+    biases and norm scales would change what the model computes.
+    """
+    if not train.weight_decay:
+        return torch.optim.Adam(model.parameters(), lr=train.lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=train.lr)
