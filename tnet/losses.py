@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tnet.model import TNetOutput
 
 FEATURE_REWARDS = ("correct", "relative", "confidence")  # LossConfig.feature_reward
+FEATURE_CE = ("mean", "mil")  # LossConfig.feature_ce
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,14 @@ class LossConfig:
     # diagnostic, 88% in 10 minutes at 1500 px), while "correct" and "relative" punish a read
     # distractor, which the coarse view cannot tell from a target.
     feature_reward: str = "correct"
+    # How the attended cells' own heads share the per-feature cross-entropy. "mean": every cell is
+    # taught the image's label with the same weight (the paper). "mil": within each image and level
+    # the weights follow each cell's p(label) (a softmax over the cells of log p, detached, summing
+    # to the number of cells): the image's label names only some of its cells' contents (3 of 5
+    # digits on Megapixel MNIST, none in an empty cell), and the cells that already explain it best
+    # are the ones to learn from, as in multiple-instance learning. Equal weights while the heads
+    # are at chance, so it starts as the paper does.
+    feature_ce: str = "mean"
     # Cold start (0 = the paper). Scores taught by what the patch classifier reads: each attended
     # cell whose own head names the true class with p >= found_threshold is a "found" cell, and
     # the location distribution of its region (over all N*N candidates) is trained by
@@ -77,6 +86,8 @@ class LossConfig:
                 raise ValueError(f"{name}={value}: must be in [0, 1]")
         if self.feature_reward not in FEATURE_REWARDS:
             raise ValueError(f"feature_reward={self.feature_reward!r}: must be one of {', '.join(FEATURE_REWARDS)}")
+        if self.feature_ce not in FEATURE_CE:
+            raise ValueError(f"feature_ce={self.feature_ce!r}: must be one of {', '.join(FEATURE_CE)}")
         if self.mil_weight < 0:
             raise ValueError(f"mil_weight={self.mil_weight}: must be >= 0")
         if self.found_weight < 0:
@@ -122,7 +133,10 @@ class TNetLoss(nn.Module):
         for level, logits in enumerate(level_logits):
             per_feat_target = target[:, None].expand(-1, logits.shape[1])  # (B, R_l)
             ce = F.cross_entropy(logits.flatten(0, 1), per_feat_target.flatten(), reduction="none")
-            ce_sum = ce_sum + ce.view_as(per_feat_target).mean(0).sum()
+            ce = ce.view_as(per_feat_target)  # (B, R_l)
+            if level >= 1 and cfg.feature_ce == "mil":
+                ce = ce * instance_weights(logits, target)
+            ce_sum = ce_sum + ce.mean(0).sum()
             r_f = (logits.detach().argmax(-1) == per_feat_target).float()  # (B, R_l)
             feature_rewards.append(r_f)
             if level >= 1:
@@ -169,6 +183,13 @@ def true_class_prob(logits: Tensor, target: Tensor) -> Tensor:
     """(B, R, classes) -> (B, R): each feature head's p(target), detached (a reward, not a path)."""
     probs = logits.detach().softmax(-1)
     return probs.gather(2, target[:, None, None].expand(-1, probs.shape[1], 1))[..., 0]
+
+
+def instance_weights(logits: Tensor, target: Tensor) -> Tensor:
+    """(B, R, classes) -> (B, R): softmax over each image's R cells of log p(target), times R
+    (mean 1; detached). Uniform when every head gives the label the same probability."""
+    logp = logits.detach().log_softmax(-1).gather(2, target[:, None, None].expand(-1, logits.shape[1], 1))[..., 0]
+    return logp.softmax(dim=1) * logits.shape[1]
 
 
 def relative_likelihood(logits: Tensor, target: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from tnet.losses import (
     TNetLoss,
     cell_mil_loss,
     found_cell_loss,
+    instance_weights,
     relative_confidence,
     relative_likelihood,
 )
@@ -441,3 +442,36 @@ def test_restart_heads_at_gives_the_feature_readers_new_weights_once_and_the_sam
     assert int(model.explore_images) == 12
     with pytest.raises(ValueError, match="restart_heads_at"):
         dataclasses.replace(CFG, restart_heads_at=-1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_instance_weights_average_one_and_follow_each_cells_p_of_the_label(b, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, r, 4, generator=g) * 3
+    target = torch.randint(0, 4, (b,), generator=g)
+    w = instance_weights(logits, target)
+    assert w.shape == (b, r) and torch.allclose(w.mean(dim=1), torch.ones(b), atol=1e-5)
+    p = logits.softmax(-1).gather(2, target[:, None, None].expand(-1, r, 1))[..., 0]
+    assert torch.all(w.gather(1, p.argsort(dim=1)).diff(dim=1) >= -1e-6)  # more p(label), more weight
+    assert torch.allclose(instance_weights(logits[:, :1].expand(-1, r, -1), target), torch.ones(b, r))  # equal heads
+
+
+def test_feature_ce_mil_teaches_the_cell_that_explains_the_label_and_equals_the_paper_at_chance():
+    """``feature_ce: mil``: a cell that gives the label low probability (an empty or distractor cell)
+    gets less of the per-feature cross-entropy's gradient than one that reads it; same loss as the
+    paper's when the heads agree."""
+    target = torch.tensor([2])
+    heads = torch.tensor([[[0.0, 0.0, 3.0, 0.0], [0.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]], requires_grad=True)
+    out, _ = _found_case([0.5, 0.5, 0.5], [0, 4, 8])
+    out.feature_logits[1] = heads
+    grads = [torch.autograd.grad(TNetLoss(LossConfig(feature_ce=c))(out, target)["ce_features"], heads)[0][0].norm(dim=-1)
+             for c in ("mil", "mean")]  # fmt: skip
+    ratio = grads[0] / grads[1]  # each cell's gradient against the paper's
+    assert ratio[0] > 1 and ratio[0] > ratio[2] > ratio[1]  # the reading cell, the undecided one, the distractor
+    flat, _ = _found_case([0.5, 0.5, 0.5], [0, 4, 8])
+    flat.feature_logits[1] = torch.zeros(1, 3, 4)
+    assert torch.isclose(TNetLoss(LossConfig(feature_ce="mil"))(flat, target)["ce_features"],
+                         TNetLoss(LossConfig())(flat, target)["ce_features"])
+    with pytest.raises(ValueError, match="feature_ce"):
+        LossConfig(feature_ce="max")
