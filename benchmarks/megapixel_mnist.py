@@ -457,7 +457,6 @@ class OracleArm(TNetArm):
         chosen = [oracle_cells(d, self.cells, k, rng, self.place) for d in digits]
         return self.model(source, cells=[torch.tensor(chosen)[:, None, :]])
 
-
     def restart(self, parts: Sequence[str]) -> None:
         """Start ``parts`` (``RESETS`` keys) afresh: new initial weights, or an empty optimiser state."""
         if "heads" in parts:
@@ -625,8 +624,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(as before a learned module takes off); evaluation reads the oracle's")
     parser.add_argument("--oracle-reset", nargs="+", default=[], choices=sorted(RESETS), metavar="PART",
                         help="with --oracle-delay: start these parts afresh at the switch to the oracle's cells: "
-                             "'heads' (final classifier, per-feature heads, feature weighting), 'fusion' (projection "
-                             "and position fusion), 'optimizer' (Adam's state)")
+                             "'heads' (position fusion, feature weighting, per-feature heads, final classifier: as "
+                             "model.restart_heads_at does), 'optimizer' (Adam's state)")
     parser.add_argument("--baseline-size", type=int, help="baseline input side (default: FLOPs-matched)")
     parser.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default benchmarks/results)")
     args = parser.parse_args(argv)

@@ -106,7 +106,8 @@ class TNet(nn.Module):
     def restart_heads(self, seed: int = 0) -> None:
         """New initial weights for ``head_modules``, drawn from ``seed`` alone, so that every DDP
         rank draws the same ones whatever its own random state."""
-        with torch.random.fork_rng(devices=[]):
+        cuda = sorted({p.device.index or 0 for p in self.parameters() if p.is_cuda})
+        with torch.random.fork_rng(devices=cuda):  # the caller's random streams are left as they were
             torch.manual_seed(seed)
             for module in self.head_modules():
                 for layer in module.modules():
