@@ -446,7 +446,7 @@ class OracleArm(TNetArm):
     def forward(self, batch: Batch, source: Any) -> Any:
         if self.model.training and torch.is_grad_enabled():  # a training step, not norm recalibration
             if self.trained <= self.delay < self.trained + len(batch):  # the first oracle step
-                self.restart(self.reset)
+                self.restart()
             self.trained += len(batch)
             if self.trained <= self.delay:
                 return self.model(source)
@@ -457,14 +457,14 @@ class OracleArm(TNetArm):
         chosen = [oracle_cells(d, self.cells, k, rng, self.place) for d in digits]
         return self.model(source, cells=[torch.tensor(chosen)[:, None, :]])
 
-    def restart(self, parts: Sequence[str]) -> None:
-        """Start ``parts`` (``RESETS`` keys) afresh: new initial weights, or an empty optimiser state."""
-        if "heads" in parts:
+    def restart(self) -> None:
+        """Start the ``reset`` parts afresh: new initial weights, or an empty optimiser state."""
+        if "heads" in self.reset:
             self.model.restart_heads(self.cfg.train.seed)
             for module in self.model.head_modules():
                 for param in module.parameters():
                     self.opt.state.pop(param, None)  # no momentum from the old weights
-        if "optimizer" in parts:
+        if "optimizer" in self.reset:
             self.opt.state.clear()
 
 

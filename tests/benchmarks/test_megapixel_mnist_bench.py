@@ -311,10 +311,9 @@ def test_oracle_reset_restarts_the_chosen_parts_at_the_switch(tmp_path: Path) ->
     assert not arm.opt.state
     assert all(not torch.all(w.detach() == 7.0) and float(w.detach().abs().max()) < 1.0 for w in heads)
     assert torch.equal(backbone, kept)  # parts not named stay as trained
-    for bad in ([], ["norms"]):
+    for delay, reset in ((0, ["heads"]), (4, ["norms"])):  # a reset without a delay; an unknown part
         with pytest.raises(ValueError, match="reset"):
-            mm.OracleArm("oracle_all", cfg, url, None, table, variant="all", delay=0 if not bad else 4,
-                         reset=bad or ["heads"])  # fmt: skip
+            mm.OracleArm("oracle_all", cfg, url, None, table, variant="all", delay=delay, reset=reset)
     assert mm.parse_args([*TINY, "--oracle", "all", "--oracle-delay", "9", "--oracle-reset", "heads"]).oracle_reset == ["heads"]
     with pytest.raises(SystemExit):
         mm.parse_args([*TINY, "--oracle", "all", "--oracle-reset", "heads"])

@@ -404,8 +404,6 @@ def test_restart_heads_at_gives_the_feature_readers_new_weights_once_and_the_sam
     """``restart_heads_at``: when the training-image count crosses it, the fusion, weighting, heads and
     classifier are drawn again (from the count alone, as DDP ranks need); the backbone and the location
     module keep what they learnt; later steps and evaluation restart nothing."""
-    from tnet.losses import LossConfig, TNetLoss
-
     cfg = dataclasses.replace(CFG, feature_weighting=True, restart_heads_at=6)
     model = TNet(cfg).train()
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
