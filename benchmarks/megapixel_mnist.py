@@ -46,6 +46,7 @@ minutes); with --json the last printed line is the JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import re
@@ -218,6 +219,7 @@ class Arm:
     def __init__(self, name: str, cfg: JobConfig, url: str, side: int, model: torch.nn.Module) -> None:
         self.name, self.cfg, self.url, self.side, self.model = name, cfg, url, side, model
         self.opt = make_optimizer(model, cfg.train)
+        self.max_upsample = 1.0  # TNet arms read as their config says (model.read_upsample)
 
     def spec(self, split: str, epoch: int, train: bool, quota: int) -> StreamSpec:
         d = self.cfg.data
@@ -225,7 +227,7 @@ class Arm:
         return StreamSpec(url=self.url, split=split, shards=shards, base_size=self.side,
                           channels=self.cfg.model.in_chans, quota=quota, epoch=epoch, seed=self.cfg.train.seed,
                           train=train, augment=d.augment, flip=d.flip, colour_jitter=d.colour_jitter,
-                          shuffle_buffer=d.shuffle_buffer)  # fmt: skip
+                          shuffle_buffer=d.shuffle_buffer, max_upsample=self.max_upsample)  # fmt: skip
 
     def window_metrics(self) -> dict[str, float]:
         """Training figures gathered since the previous checkpoint (then reset); none by default."""
@@ -267,6 +269,7 @@ class TNetArm(Arm):
         torch.manual_seed(cfg.train.seed)
         super().__init__(name, cfg, url, cfg.model.base_size, TNet(cfg.model))
         self.loss, self.executor, self.table = TNetLoss(cfg.loss), executor, table
+        self.max_upsample = cfg.model.read_upsample
         self.examples: list[tuple[Example, np.ndarray]] = []  # the last evaluation's first images, with
         # their target digits' boxes normalised to the view, for attention pictures
         self.train_hits = self.train_targets = 0  # target digits inside the cells trained on
@@ -274,7 +277,7 @@ class TNetArm(Arm):
 
     def step(self, batch: Batch) -> tuple[float, int]:
         self.model.train()
-        source = batch.region_source(self.cfg.model.in_chans, self.executor, self.cfg.model.antialias)
+        source = batch.region_source(self.cfg.model.in_chans, self.executor, self.cfg.model.antialias, self.cfg.model.read_upsample)
         out = self.forward(batch, source)
         terms = self.loss(out, batch.labels)
         self.opt.zero_grad(set_to_none=True)
@@ -290,7 +293,7 @@ class TNetArm(Arm):
         return self.model(source)
 
     def infer(self, batch: Batch) -> Any:
-        return self.forward(batch, batch.region_source(self.cfg.model.in_chans, self.executor, self.cfg.model.antialias))
+        return self.forward(batch, batch.region_source(self.cfg.model.in_chans, self.executor, self.cfg.model.antialias, self.cfg.model.read_upsample))
 
     def digits(self, key: str, targets_only: bool = True) -> np.ndarray:
         """The sample's target digits' boxes (T, 4) in stored-image pixels (all digits' without ``targets_only``)."""
@@ -343,7 +346,7 @@ class TNetArm(Arm):
         for batch in self._eval_batches(split, limit):
             if len(batch) == 0:
                 continue
-            source = batch.region_source(self.cfg.model.in_chans, self.executor, self.cfg.model.antialias)
+            source = batch.region_source(self.cfg.model.in_chans, self.executor, self.cfg.model.antialias, self.cfg.model.read_upsample)
             out = self.forward(batch, source)
             correct = correct or [0] * len(out.level_logits)
             for level, lg in enumerate(out.level_logits):
@@ -589,10 +592,22 @@ def parse_ablation(text: str) -> tuple[str, list[str]]:
 
 
 def job_config(path: str, overrides: list[str], url: str) -> JobConfig:
-    """The config file with ``overrides`` applied, reading ``url``; validated by the dataclasses."""
+    """The config file with ``overrides`` applied, reading ``url``; validated by the dataclasses.
+
+    Each arm trains in one process, so a config written for several DDP workers (the demo's two)
+    becomes one worker with their summed batch: the same images per optimiser step. Counts kept
+    per worker (``model.explore_anneal_images``, ``model.restart_heads_at``) are scaled the same way.
+    """
     data = apply_overrides(load_yaml(path), overrides)
     data.setdefault("data", {})["url"] = url
-    return from_dict(JobConfig, data)
+    cfg = from_dict(JobConfig, data)
+    world = cfg.train.num_workers
+    if world > 1:
+        cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, num_workers=1, batch_size=cfg.train.batch_size * world),
+            model=dataclasses.replace(cfg.model, explore_anneal_images=cfg.model.explore_anneal_images * world,
+                                      restart_heads_at=cfg.model.restart_heads_at * world))
+    return cfg
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -50,7 +50,8 @@ class TilePlan:
     tiles: tuple[TileKey, ...]
 
 
-def plan_region(levels: list[tuple[int, int]], tile: int, box: Box, out_size: tuple[int, int] | int) -> TilePlan:
+def plan_region(levels: list[tuple[int, int]], tile: int, box: Box, out_size: tuple[int, int] | int,
+                max_upsample: float = 1.0) -> TilePlan:
     """The plan ``PyramidReader`` follows for ``box`` (level-0 xyxy) read at ``out_size``.
 
     Pure: the coarsest level covering the request (``resample.choose_level``), the box snapped
@@ -60,7 +61,7 @@ def plan_region(levels: list[tuple[int, int]], tile: int, box: Box, out_size: tu
         ValueError: a bad box or out_size.
     """
     box, size = parse_box(box), parse_out_size(out_size)
-    level = choose_level(box, size, levels)
+    level = choose_level(box, size, levels, max_upsample)
     lbox = level_box(box, levels[0], levels[level])
     window = sampling_window(lbox)
     inside = window.clip(*levels[level])
@@ -150,12 +151,12 @@ class GpuPyramidRegionSource:
 
     def __init__(self, readers: list[PyramidReader], views: list[View], channels: int,
                  base_views: Tensor | None = None, base_decoded: int = 0, device: torch.device | str = "cuda",
-                 antialias: bool = True) -> None:  # fmt: skip
+                 antialias: bool = True, max_upsample: float = 1.0) -> None:  # fmt: skip
         if len(readers) != len(views) or not readers:
             raise ValueError(f"readers={len(readers)}, views={len(views)}: need the same non-zero count")
         self.readers, self.views, self.channels = readers, views, channels
         self.base_views, self.base_decoded = base_views, base_decoded
-        self.device, self.antialias = torch.device(device), antialias
+        self.device, self.antialias, self.max_upsample = torch.device(device), antialias, max_upsample
         self._tiles: dict[tuple[int, TileKey], Tensor] = {}
         self._decoded = 0
         self.tiles_decoded = 0
@@ -177,7 +178,7 @@ class GpuPyramidRegionSource:
         if is_base_request(boxes, out_size, len(self), self.base_views):
             return self.base_views[:, None].to(self.device)
         src = self.source_boxes(boxes).numpy()
-        plans = [[plan_region(r.levels, r.tile, tuple(b), out_size) for b in src[i]]
+        plans = [[plan_region(r.levels, r.tile, tuple(b), out_size, self.max_upsample) for b in src[i]]
                  for i, r in enumerate(self.readers)]
         self._decode_missing(plans)
         out = [torch.stack([self._render(i, p, out_size) for p in row]) for i, row in enumerate(plans)]

@@ -211,17 +211,18 @@ class PyramidRegionSource:
 
     ``base_views`` (B, C, b, b) are the whole views already decoded by the loader at ``base_size``;
     a request for exactly that is served from them. Everything else is read from the pyramids,
-    only the tiles under the requested boxes, in ``executor`` threads when given.
+    only the tiles under the requested boxes, in ``executor`` threads when given, from the coarsest
+    level that covers each box up to ``max_upsample`` (``resample.choose_level``).
     """
 
     def __init__(self, readers: list[PyramidReader], views: list[View], channels: int,
                  base_views: Tensor | None = None, base_decoded: int = 0, executor: Executor | None = None,
-                 antialias: bool = True) -> None:
+                 antialias: bool = True, max_upsample: float = 1.0) -> None:
         if len(readers) != len(views) or not readers:
             raise ValueError(f"readers={len(readers)}, views={len(views)}: need the same non-zero count")
         self.readers, self.views, self.channels = readers, views, channels
         self.base_views, self.base_decoded = base_views, base_decoded
-        self.executor, self.antialias = executor, antialias
+        self.executor, self.antialias, self.max_upsample = executor, antialias, max_upsample
         self._start = [r.decoded_pixels for r in readers]
 
     def __len__(self) -> int:
@@ -240,7 +241,7 @@ class PyramidRegionSource:
         def read(i: int) -> None:
             reader, view = self.readers[i], self.views[i]
             tiles = reader.read_regions([tuple(b) for b in src[i]], out_size, executor=None,
-                                        antialias=self.antialias, fill=GREY)
+                                        antialias=self.antialias, fill=GREY, max_upsample=self.max_upsample)
             regions_to_model(tiles, view, self.channels, out=out[i])
 
         indices = range(len(self))

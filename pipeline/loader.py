@@ -68,6 +68,7 @@ class StreamSpec:
     storage_options: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = 2**34
     access: str = "stream"  # "stream": shards read whole, in order; "random": ranged reads per sample
+    max_upsample: float = 1.0  # the base view may come from a level up to this factor short of base_size
 
     def __post_init__(self) -> None:
         if self.access not in ACCESS_MODES:
@@ -109,10 +110,10 @@ class Batch:
         return len(self.keys)
 
     def region_source(self, channels: int, executor: Executor | None = None,
-                      antialias: bool = True) -> PyramidRegionSource:
+                      antialias: bool = True, max_upsample: float = 1.0) -> PyramidRegionSource:
         readers = [self._reader(t, k) for t, k in zip(self.pyramids, self.keys)]
         return PyramidRegionSource(readers, self.views, channels, self.base_views, self.base_decoded,
-                                   executor, antialias)
+                                   executor, antialias, max_upsample)
 
     def _reader(self, tif: bytes | MemberRef, key: str) -> PyramidReader:
         if isinstance(tif, MemberRef):  # random access: ranged reads, counted per batch
@@ -245,7 +246,7 @@ class ShardStream(IterableDataset):
                                objects=objects or None)
         else:
             view = View((0.0, 0.0, float(reader.width), float(reader.height)))
-        pixels = reader.read_region(view.box, spec.base_size, fill=128)
+        pixels = reader.read_region(view.box, spec.base_size, fill=128, max_upsample=spec.max_upsample)
         mean = pixel_mean(pixels)
         view = View(view.box, view.flip, view.jitter, mean)
         return view, to_model(pixels, view, spec.channels)

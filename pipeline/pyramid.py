@@ -309,11 +309,11 @@ class PyramidReader:
 
     # ----------------------------------------------------------------------------------------------
     # regions
-    def _plan(self, box: Box, out_size: tuple[int, int], level: int | None) -> _Plan:
+    def _plan(self, box: Box, out_size: tuple[int, int], level: int | None, max_upsample: float = 1.0) -> _Plan:
         box = parse_box(box)
         sizes = self.levels
         if level is None:
-            level = choose_level(box, out_size, sizes)
+            level = choose_level(box, out_size, sizes, max_upsample)
         elif not 0 <= level < len(sizes):
             raise ValueError(f"{self.where}: level={level}: pyramid has levels 0..{len(sizes) - 1}")
         lbox = level_box(box, sizes[0], sizes[level])
@@ -354,7 +354,7 @@ class PyramidReader:
 
     def read_regions(self, boxes: Sequence[Box], out_size: tuple[int, int] | int, *,
                      executor: Executor | None = None, antialias: bool = True, fill: int = 0,
-                     level: int | None = None) -> list[np.ndarray]:
+                     level: int | None = None, max_upsample: float = 1.0) -> list[np.ndarray]:
         """Read many boxes (see ``read_region``); tile decodes and resampling run in ``executor``.
 
         Tiles shared by several boxes are decoded once per call even when the cache is smaller.
@@ -366,7 +366,7 @@ class PyramidReader:
         size = parse_out_size(out_size)
         if not 0 <= fill <= 255:
             raise ValueError(f"fill={fill}: must be in 0..255")
-        plans = [self._plan(b, size, level) for b in boxes]
+        plans = [self._plan(b, size, level, max_upsample) for b in boxes]
         keys = sorted({k for p in plans for k in p.tiles})
         self._prefetch(keys)
         if executor is None:
@@ -376,11 +376,12 @@ class PyramidReader:
         return list(executor.map(lambda p: self._render(p, tiles, size, antialias, fill), plans))
 
     def read_region(self, box: Box, out_size: tuple[int, int] | int, *, antialias: bool = True,
-                    fill: int = 0, level: int | None = None) -> np.ndarray:
+                    fill: int = 0, level: int | None = None, max_upsample: float = 1.0) -> np.ndarray:
         """Pixels of ``box`` (xyxy, level-0 pixel coordinates, may be fractional or reach outside)
         resized to ``out_size`` ((w, h) or an int): uint8 (h, w) or (h, w, 3).
 
-        The level is the coarsest that covers the request (``resample.choose_level``) unless
+        The level is the coarsest that covers the request (``resample.choose_level``; with
+        ``max_upsample`` > 1, one up to that factor short of it, then upsampled) unless
         ``level`` forces one (``level=0`` with ``antialias=False`` reproduces the paper's
         "crop, then bilinear from full resolution" exactly). Only the tiles the box intersects
         are decoded. The box is cut from the level padded with ``fill`` (snapped outward to whole
@@ -392,7 +393,8 @@ class PyramidReader:
             FormatError: a needed tile is corrupt or over ``max_tile_bytes``.
             ValueError: a bad box, out_size, fill or level.
         """
-        return self.read_regions([box], out_size, antialias=antialias, fill=fill, level=level)[0]
+        return self.read_regions([box], out_size, antialias=antialias, fill=fill, level=level,
+                                 max_upsample=max_upsample)[0]
 
     def read_level(self, level: int) -> np.ndarray:
         """The whole of one level, decoded tile by tile: uint8 (h, w) or (h, w, 3).

@@ -53,7 +53,8 @@ def parse_box(box: Box) -> Box:
     return x0, y0, x1, y1
 
 
-def choose_level(box: Box, out_size: tuple[int, int], level_sizes: list[tuple[int, int]]) -> int:
+def choose_level(box: Box, out_size: tuple[int, int], level_sizes: list[tuple[int, int]],
+                 max_upsample: float = 1.0) -> int:
     """The coarsest level whose resolution still covers the request, else level 0.
 
     Level ``i`` downsamples by ``d = (W / w_i, H / h_i)``; it covers the request when
@@ -61,9 +62,17 @@ def choose_level(box: Box, out_size: tuple[int, int], level_sizes: list[tuple[in
     level pixels as output pixels, so we only ever downsample from it (antialiased) by less than
     the next level's factor. Example: 1500 px with tile 256 has levels 1500, 750, 375, 188; the
     whole image at 188 px uses level 3, a 300 px box at 224 px uses level 0.
+
+    ``max_upsample > 1`` lets a level cover a request it falls short of by up to that factor (it
+    is then upsampled): a 165 px cell read at 96 px comes from the half-resolution level (82.5
+    px) with ``max_upsample >= 1.17``, a quarter of the full-resolution tiles for a slightly
+    softer read.
     """
+    if not max_upsample >= 1.0:
+        raise ValueError(f"max_upsample={max_upsample}: must be >= 1")
     (w0, h0), (ow, oh) = level_sizes[0], out_size
     bw, bh = box[2] - box[0], box[3] - box[1]
+    ow, oh = ow / max_upsample, oh / max_upsample
     tol = 1.0 - 1e-9  # float noise must not push an exact fit to the finer level
     for i in range(len(level_sizes) - 1, 0, -1):
         w, h = level_sizes[i]

@@ -38,6 +38,14 @@ class TNetConfig:
     loc_coords: bool = True
     feature_weighting: bool = False  # learned weights instead of the paper's plain mean
     antialias: bool = True  # antialiased resizing; False reproduces the reference code
+    # Regions (and the base view) are read from the coarsest pyramid level whose pixels cover the
+    # output up to this factor, then upsampled; 1 = never upsample (the paper's full-resolution
+    # crops). A 165 px cell read at 96 px then comes from the half-resolution level: a quarter of
+    # the tiles decoded for a digit of 14 px instead of 16 (in-memory images pass through the same
+    # resolution, tnet.regions.pyramid_factor, so lazy and eager reads agree). Measured at 1500 px,
+    # 30 min: 1.2 decoded 6.1% of the pixels (13.4% at 1) but learnt later, 0.455 against 0.878
+    # (one run, docs/benchmarks.md); off in the configs.
+    read_upsample: float = 1.0
     loc_temperature: float = 1.0  # softmax temperature on the L2-normalised logits (1 = paper)
     # Cold start (off = the paper). "gumbel": in training, top-k of log p + Gumbel noise / explore_scale
     # samples k distinct cells from the location distribution, so an untrained module that always
@@ -131,6 +139,8 @@ class TNetConfig:
                 raise ValueError(f"explore_anneal_images={self.explore_anneal_images}: must be >= 1 with explore_scale_end")
         if self.restart_heads_at < 0:
             raise ValueError(f"restart_heads_at={self.restart_heads_at}: must be >= 0 training images (0 = never)")
+        if not self.read_upsample >= 1.0:
+            raise ValueError(f"read_upsample={self.read_upsample}: must be >= 1 (1 = never upsample)")
         if self.loc_temperature <= 0:
             raise ValueError(f"loc_temperature={self.loc_temperature}: must be > 0")
         level_grids(self.input_size, self.levels, self.grid, self.overlap)  # raises on bad geometry

@@ -199,7 +199,7 @@ class TNet(nn.Module):
         (B, R, k) cell indices to read instead of the module's choice; its scores still come out.
         """
         if isinstance(source, Tensor):
-            source = TensorRegionSource(source, antialias=self.cfg.antialias)
+            source = TensorRegionSource(source, antialias=self.cfg.antialias, max_upsample=self.cfg.read_upsample)
         cfg = self.cfg
         locs = tuple(cfg.locations if locations is None else locations)
         if len(locs) != len(self.grids) or any(not 1 <= k <= cfg.grid**2 for k in locs):

@@ -53,6 +53,12 @@ def crop_resize(image: Tensor, box: Tensor, out_size: int, antialias: bool = Tru
     The box is snapped outward to whole pixels, so a box of integer corners (the grid's case) is
     exact. Returns (C, out_size, out_size).
     """
+    return resize(snapped_crop(image, box)[0], out_size, antialias)
+
+
+def snapped_crop(image: Tensor, box: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """The pixels of ``box`` snapped outward to whole pixels, zero outside ``image`` (C, H, W),
+    and the crop's top-left corner in ``image``."""
     c, h, w = image.shape
     x0, y0, x1, y1 = (float(v) for v in box)
     ix0, iy0 = int(torch.floor(torch.tensor(x0))), int(torch.floor(torch.tensor(y0)))
@@ -63,7 +69,43 @@ def crop_resize(image: Tensor, box: Tensor, out_size: int, antialias: bool = Tru
     sx0, sy0, sx1, sy1 = max(ix0, 0), max(iy0, 0), min(ix1, w), min(iy1, h)
     if sx1 > sx0 and sy1 > sy0:
         crop[:, sy0 - iy0 : sy1 - iy0, sx0 - ix0 : sx1 - ix0] = image[:, sy0:sy1, sx0:sx1]
-    return resize(crop, out_size, antialias)
+    return crop, (ix0, iy0)
+
+
+def sample_box(image: Tensor, box: Tensor, out_size: int) -> Tensor:
+    """Bilinear samples at the centres of an ``out_size`` grid laid over ``box`` (fractional xyxy
+    in pixels of ``image``, (C, H, W)), from the box's pixels snapped outward (zero outside the
+    image) with the filter clamped to them: the pyramid reader's upsampling read
+    (``pipeline.resample``), at the box's exact fractional position."""
+    crop, (ix0, iy0) = snapped_crop(image, box)
+    h, w = crop.shape[-2:]
+    x0, y0, x1, y1 = (float(v) for v in box)
+    steps = (torch.arange(out_size, dtype=torch.float64) + 0.5) / out_size
+    gx = ((x0 - ix0) + steps * (x1 - x0)) * (2.0 / w) - 1.0  # grid_sample's [-1, 1] spans the pixel edges
+    gy = ((y0 - iy0) + steps * (y1 - y0)) * (2.0 / h) - 1.0
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None].float()  # (1, out, out, (x, y))
+    return F.grid_sample(crop[None].float(), grid.to(crop.device), mode="bilinear", padding_mode="border",
+                         align_corners=False)[0]
+
+
+def pyramid_level(image: Tensor, factor: int) -> Tensor:
+    """``image`` (C, H, W) reduced by ``factor`` (a power of two) as our pyramids are built: means of
+    ``factor`` x ``factor`` blocks, a partial block at the edge averaged over what it holds."""
+    if factor == 1:
+        return image
+    return F.avg_pool2d(image[None].float(), factor, ceil_mode=True, count_include_pad=False)[0]
+
+
+def pyramid_factor(box_w: float, box_h: float, out_size: int, max_upsample: float = 1.0) -> int:
+    """The downsampling factor (a power of two) of the pyramid level that serves a box of
+    ``box_w`` x ``box_h`` pixels at ``out_size``: the largest whose pixels still cover the output
+    up to ``max_upsample`` (``pipeline.resample.choose_level`` on a pyramid of halvings)."""
+    if not max_upsample >= 1.0:
+        raise ValueError(f"max_upsample={max_upsample}: must be >= 1")
+    factor, tol = 1, 1.0 - 1e-9
+    while min(box_w, box_h) * max_upsample / (2 * factor) >= out_size * tol:
+        factor *= 2
+    return factor
 
 
 def resize(image: Tensor, out_size: int, antialias: bool = True) -> Tensor:
@@ -83,7 +125,7 @@ class TensorRegionSource:
     sizes). Normalised view coordinates map to the whole image of each sample.
     """
 
-    def __init__(self, images: Tensor | list[Tensor], antialias: bool = True) -> None:
+    def __init__(self, images: Tensor | list[Tensor], antialias: bool = True, max_upsample: float = 1.0) -> None:
         if isinstance(images, Tensor):
             if images.dim() != 4:
                 raise ValueError(f"images.shape={tuple(images.shape)}: expected (B, C, H, W)")
@@ -91,7 +133,10 @@ class TensorRegionSource:
         if not images:
             raise ValueError("images: empty batch")
         self.images = images
-        self.antialias = antialias
+        if not max_upsample >= 1.0:
+            raise ValueError(f"max_upsample={max_upsample}: must be >= 1")
+        self.antialias, self.max_upsample = antialias, max_upsample
+        self._levels: dict[tuple[int, int], Tensor] = {}  # (sample, factor) -> that pyramid level
 
     def __len__(self) -> int:
         return len(self.images)
@@ -108,11 +153,27 @@ class TensorRegionSource:
         if boxes.dim() != 3 or boxes.shape[0] != len(self) or boxes.shape[-1] != 4:
             raise ValueError(f"boxes.shape={tuple(boxes.shape)}: expected ({len(self)}, K, 4)")
         pixel_boxes = self.source_boxes(boxes.detach().double())
-        out = [
-            torch.stack([crop_resize(img, b, out_size, self.antialias) for b in sample_boxes])
-            for img, sample_boxes in zip(self.images, pixel_boxes)
-        ]
+        out = [torch.stack([self._read(i, img, b, out_size) for b in sample_boxes])
+               for i, (img, sample_boxes) in enumerate(zip(self.images, pixel_boxes))]
         return torch.stack(out)  # (B, K, C, out, out)
+
+    def _read(self, index: int, image: Tensor, box: Tensor, out_size: int) -> Tensor:
+        """One region: with ``max_upsample`` > 1, from the pyramid level the lazy path would read
+        (levels computed once per image), upsampled at the box's exact position when that level
+        falls short of ``out_size``; otherwise the paper's crop and resize from full resolution."""
+        if self.max_upsample == 1.0:
+            return crop_resize(image, box, out_size, self.antialias)
+        x0, y0, x1, y1 = (float(v) for v in box)
+        factor = pyramid_factor(x1 - x0, y1 - y0, out_size, self.max_upsample)
+        if factor == 1:
+            return crop_resize(image, box, out_size, self.antialias)
+        key = (index, factor)
+        if key not in self._levels:
+            self._levels[key] = pyramid_level(image, factor)
+        level, lbox = self._levels[key], box / factor
+        if min(x1 - x0, y1 - y0) / factor >= out_size:  # still a reduction at this level
+            return crop_resize(level, lbox, out_size, self.antialias)
+        return sample_box(level, lbox, out_size)
 
     def full_pixels(self) -> Tensor:
         return torch.tensor([img.shape[-1] * img.shape[-2] for img in self.images], dtype=torch.float64)

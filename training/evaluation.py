@@ -77,7 +77,8 @@ def evaluate_loader(model: TNet, cfg: JobConfig, split: str, executor: Executor 
     spec = StreamSpec(url=cfg.data.url, split=split, shards=tuple(s for s, _ in shards),
                       base_size=cfg.model.base_size, channels=cfg.model.in_chans,
                       quota=min(limit or total, total), train=False,
-                      storage_options=dict(cfg.data.storage_options), access=cfg.data.access)
+                      storage_options=dict(cfg.data.storage_options), access=cfg.data.access,
+                      max_upsample=cfg.model.read_upsample)
     result = EvalResult(cfg.model.num_classes)
     confusion = np.zeros((cfg.model.num_classes, cfg.model.num_classes), dtype=np.int64)
     t0 = time.monotonic()
@@ -85,7 +86,7 @@ def evaluate_loader(model: TNet, cfg: JobConfig, split: str, executor: Executor 
         result.skipped += batch.skipped
         if len(batch) == 0:
             continue
-        source = batch.region_source(cfg.model.in_chans, executor, cfg.model.antialias)
+        source = batch.region_source(cfg.model.in_chans, executor, cfg.model.antialias, cfg.model.read_upsample)
         out = model(source, locations)
         labels = batch.labels
         if not result.correct_by_level:

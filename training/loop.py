@@ -99,6 +99,7 @@ def epoch_spec(cfg: JobConfig, shards: list[tuple[str, int]], quota: int, rank: 
         epoch=epoch, seed=cfg.train.seed, augment=cfg.data.augment, flip=cfg.data.flip,
         colour_jitter=cfg.data.colour_jitter, shuffle_buffer=cfg.data.shuffle_buffer,
         storage_options=dict(cfg.data.storage_options), access=cfg.data.access,
+        max_upsample=cfg.model.read_upsample,
     )
 
 
@@ -110,7 +111,7 @@ def recalibrate(model: nn.Module, cfg: JobConfig, spec: StreamSpec, executor: Th
     with recalibrating_norms(model), torch.no_grad():
         for batch in make_loader(recal, cfg.train.batch_size, cfg.data.loader_workers):
             if len(batch):
-                model(TolerantRegionSource(batch.region_source(cfg.model.in_chans, executor, cfg.model.antialias),
+                model(TolerantRegionSource(batch.region_source(cfg.model.in_chans, executor, cfg.model.antialias, cfg.model.read_upsample),
                                            batch.keys))
 
 
@@ -173,7 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     log.warning("%s: %s", key, SET_ASIDE)
                 set_aside += batch.keys
                 continue
-            source = TolerantRegionSource(batch.region_source(cfg.model.in_chans, executor, cfg.model.antialias),
+            source = TolerantRegionSource(batch.region_source(cfg.model.in_chans, executor, cfg.model.antialias, cfg.model.read_upsample),
                                           batch.keys)
             labels = batch.labels.to(device)
             with torch.autocast(device.type, enabled=use_amp):

@@ -23,7 +23,6 @@ import yaml
 from tnet.config import TNetConfig
 from tnet.configtools import from_dict, to_dict
 from tnet.model import TNet
-from tnet.regions import TensorRegionSource
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_PATHS = [str(ROOT / "tnet"), str(ROOT / "training")]  # shipped with the model
@@ -69,7 +68,8 @@ class TNetPyfunc(mlflow.pyfunc.PythonModel):
         images = model_input if isinstance(model_input, np.ndarray) else np.stack(list(model_input))
         locations = (params or {}).get("locations")
         with torch.no_grad():
-            out = self.model(TensorRegionSource(images_to_tensor(images, self.cfg.in_chans)), locations)
+            # a tensor: TNet reads it as its config says (antialias, read_upsample), as in training
+            out = self.model(images_to_tensor(images, self.cfg.in_chans), locations)
         probs = out.logits.softmax(-1).numpy()
         rows = []
         for i in range(len(probs)):

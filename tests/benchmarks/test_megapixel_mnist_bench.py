@@ -69,6 +69,20 @@ def test_modes_pick_their_data_config_and_budget() -> None:
         mm.parse_args(["--ablation", "broken"])
 
 
+def test_a_config_for_several_workers_trains_one_process_with_their_summed_batch() -> None:
+    """The demo config runs two DDP workers of 8 images; a benchmark arm is one process, so it
+    takes 16 per step, and the per-worker image counts double with it."""
+    mm = load()
+    demo = mm.job_config(str(ROOT / "configs" / "megapixel_mnist_demo.yaml"), [], "unused")
+    assert (demo.train.num_workers, demo.train.batch_size) == (1, 16)
+    assert demo.model.explore_anneal_images == 12000
+    three = mm.job_config(str(ROOT / "configs" / "megapixel_mnist.yaml"),
+                          ["train.num_workers=3", "model.restart_heads_at=100"], "unused")
+    assert (three.train.num_workers, three.train.batch_size, three.model.restart_heads_at) == (1, 48, 300)
+    one = mm.job_config(str(ROOT / "configs" / "megapixel_mnist.yaml"), [], "unused")
+    assert (one.train.num_workers, one.train.batch_size, one.model.restart_heads_at) == (1, 16, 16000)
+
+
 TINY = ["--size", "256", "--n-train", "16", "--n-test", "8", "--n-noise", "3", "--minutes", "0.02",
         "--eval-at", "0", "--threads", "1",
         "--set", "model.input_size=256", "--set", "model.base_size=64", "--set", "model.grid=4",

@@ -135,6 +135,28 @@ def test_lazy_path_decodes_only_the_tiles_under_the_attended_boxes(batch: Batch,
     assert eager_reader.decoded_pixels == eager_reader.full_pixels()  # the eager path: everything
 
 
+def test_read_upsample_reads_coarser_levels_and_eager_path_follows(batch: Batch, eager: torch.Tensor) -> None:
+    """``model.read_upsample``: a 154 px cell read at 64 px comes from the 128 px level (38.5 px,
+    upsampled 1.66x) instead of the 256 px one; the in-memory source passes through the same
+    resolution, so lazy and eager regions still agree, decoding fewer tiles."""
+    model = calibrated_tnet(eager)
+    with torch.no_grad():
+        boxes = model(TensorRegionSource(eager)).selections[0].boxes  # (8, 2, 4) attended cells
+    exact, soft = batch.region_source(1), batch.region_source(1, max_upsample=1.7)
+    exact_px, soft_px = exact.read_regions(boxes, BASE), soft.read_regions(boxes, BASE)
+    soft_cells, exact_cells = soft.decoded_pixels() - batch.base_decoded, exact.decoded_pixels() - batch.base_decoded
+    assert soft_cells == len(batch) * TILE**2  # the 128 px level is one tile per sample
+    assert exact_cells >= 2 * soft_cells
+    eager_soft = TensorRegionSource(eager, max_upsample=1.7).read_regions(boxes, BASE)
+    eager_exact = TensorRegionSource(eager).read_regions(boxes, BASE)
+    matched = (soft_px - eager_soft).abs()  # measured: mean 0.004, max 0.09 (JPEG, uint8 levels)
+    assert matched.mean() < 0.01 and matched.max() < 0.2
+    assert (soft_px - eager_exact).abs().mean() > 3 * matched.mean()  # 0.014: the softer read is another read
+    assert (exact_px - eager_exact).abs().mean() < 0.01  # 1 (the default) leaves the exact path as it was
+    with pytest.raises(ValueError, match="max_upsample"):
+        TensorRegionSource(eager, max_upsample=0.5)
+
+
 def test_base_view_shortcut_serves_the_loaders_decode(batch: Batch) -> None:
     source = batch.region_source(1)
     whole = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(len(batch), 1, 4)

@@ -28,6 +28,7 @@ from PIL import Image
 from pipeline.pyramid import DEFAULT_TILE, PyramidReader, build_pyramid
 from pipeline.resample import choose_level, level_box, sampling_window, tiles_of
 from pipeline.tiff_ifd import READAHEAD
+from tnet.regions import pyramid_factor
 
 
 def _field(rng: np.random.Generator, h: int, w: int, scale: int) -> np.ndarray:
@@ -161,6 +162,35 @@ def test_levels_and_level_choice_by_hand(grey1500: tuple[np.ndarray, bytes]) -> 
     assert choose_level((0, 0, 10, 10), (224, 224), reader.levels) == 0  # upsampling: level 0
     out = reader.read_region((0, 0, 1500, 1500), 188)
     assert out.shape == (188, 188) and reader.tiles_decoded == 1 and reader.decoded_pixels == 256**2
+
+
+def test_max_upsample_lets_a_coarser_level_serve(grey1500: tuple[np.ndarray, bytes]) -> None:
+    levels = PyramidReader(grey1500[1]).levels
+    cell = (100.0, 100.0, 265.0, 265.0)  # a 165 px cell read at 96 px: 82.5 px at level 1
+    assert choose_level(cell, (96, 96), levels) == 0
+    assert choose_level(cell, (96, 96), levels, max_upsample=1.16) == 0  # 95.7 < 96: still short
+    assert choose_level(cell, (96, 96), levels, max_upsample=1.2) == 1
+    assert choose_level(cell, (96, 96), levels, max_upsample=2.4) == 2  # 41.25 px x 2.4 = 99
+    for bad in (0.5, float("nan")):
+        with pytest.raises(ValueError, match="max_upsample"):
+            choose_level(cell, (96, 96), levels, max_upsample=bad)
+    exact, soft = PyramidReader(grey1500[1]), PyramidReader(grey1500[1])
+    a, b = exact.read_region(cell, 96), soft.read_region(cell, 96, max_upsample=1.2)
+    assert a.shape == b.shape == (96, 96)
+    assert (exact.tiles_decoded, soft.tiles_decoded) == (4, 1)  # 100..265 crosses 256 in x and y at level 0 only
+    assert soft.decoded_pixels < exact.decoded_pixels
+
+
+@settings(max_examples=200, deadline=None)
+@given(bw=st.floats(1.0, 4096.0), bh=st.floats(1.0, 4096.0), out=st.integers(8, 512), mu=st.floats(1.0, 4.0))
+def test_in_memory_pyramid_factor_matches_level_choice(bw: float, bh: float, out: int, mu: float) -> None:
+    """tnet.regions.pyramid_factor (the eager path's stand-in for a pyramid) picks the level the
+    lazy path reads, on a pyramid of exact halvings deep enough for any box."""
+    levels = [(4096 >> i, 4096 >> i) for i in range(13)]
+    level = choose_level((0.0, 0.0, bw, bh), (out, out), levels, mu)
+    assert pyramid_factor(bw, bh, out, mu) == 2**level
+    if level:  # the chosen level covers the request within the allowed upsampling
+        assert min(bw, bh) / 2**level * mu >= out * (1 - 1e-9)
 
 
 def test_decoded_pixels_count_intersecting_tiles_and_cache(grey1500: tuple[np.ndarray, bytes]) -> None:
