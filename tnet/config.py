@@ -43,8 +43,9 @@ class TNetConfig:
     # crops). A 165 px cell read at 96 px then comes from the half-resolution level: a quarter of
     # the tiles decoded for a digit of 14 px instead of 16 (in-memory images pass through the same
     # resolution, tnet.regions.pyramid_factor, so lazy and eager reads agree). Measured at 1500 px,
-    # 30 min: 1.2 decoded 6.1% of the pixels (13.4% at 1) but learnt later, 0.455 against 0.878
-    # (one run, docs/benchmarks.md); off in the configs.
+    # 30 min, two seeds: 1.2 decoded 6-7% of the pixels (13% at 1) and reached 0.900 against 0.850
+    # on one, but took off 10 minutes late on the other (0.455 against 0.878; docs/benchmarks.md);
+    # off in the configs until more seeds.
     read_upsample: float = 1.0
     loc_temperature: float = 1.0  # softmax temperature on the L2-normalised logits (1 = paper)
     # Cold start (off = the paper). "gumbel": in training, top-k of log p + Gumbel noise / explore_scale
