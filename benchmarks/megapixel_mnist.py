@@ -277,7 +277,7 @@ class TNetArm(Arm):
 
     def step(self, batch: Batch) -> tuple[float, int]:
         self.model.train()
-        source = batch.region_source(self.cfg.model.in_chans, self.executor, self.cfg.model.antialias, self.cfg.model.read_upsample)
+        source = batch.model_source(self.cfg.model, self.executor)
         out = self.forward(batch, source)
         terms = self.loss(out, batch.labels)
         self.opt.zero_grad(set_to_none=True)
@@ -293,7 +293,7 @@ class TNetArm(Arm):
         return self.model(source)
 
     def infer(self, batch: Batch) -> Any:
-        return self.forward(batch, batch.region_source(self.cfg.model.in_chans, self.executor, self.cfg.model.antialias, self.cfg.model.read_upsample))
+        return self.forward(batch, batch.model_source(self.cfg.model, self.executor))
 
     def digits(self, key: str, targets_only: bool = True) -> np.ndarray:
         """The sample's target digits' boxes (T, 4) in stored-image pixels (all digits' without ``targets_only``)."""
@@ -346,7 +346,7 @@ class TNetArm(Arm):
         for batch in self._eval_batches(split, limit):
             if len(batch) == 0:
                 continue
-            source = batch.region_source(self.cfg.model.in_chans, self.executor, self.cfg.model.antialias, self.cfg.model.read_upsample)
+            source = batch.model_source(self.cfg.model, self.executor)
             out = self.forward(batch, source)
             correct = correct or [0] * len(out.level_logits)
             for level, lg in enumerate(out.level_logits):

@@ -27,7 +27,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow.parquet as pq
 import torch
@@ -91,6 +91,14 @@ class Prepared:
     size: int = 0  # bytes of the pyramid member
 
 
+class RegionReads(Protocol):
+    """What a region read takes from a model config (``tnet.config.TNetConfig``)."""
+
+    in_chans: int
+    antialias: bool
+    read_upsample: float
+
+
 @dataclass
 class Batch:
     keys: list[str]
@@ -114,6 +122,10 @@ class Batch:
         readers = [self._reader(t, k) for t, k in zip(self.pyramids, self.keys)]
         return PyramidRegionSource(readers, self.views, channels, self.base_views, self.base_decoded,
                                    executor, antialias, max_upsample)
+
+    def model_source(self, model: RegionReads, executor: Executor | None = None) -> PyramidRegionSource:
+        """The region source a TNet of config ``model`` reads: its channels, resizing and levels."""
+        return self.region_source(model.in_chans, executor, model.antialias, model.read_upsample)
 
     def _reader(self, tif: bytes | MemberRef, key: str) -> PyramidReader:
         if isinstance(tif, MemberRef):  # random access: ranged reads, counted per batch

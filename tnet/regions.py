@@ -161,10 +161,8 @@ class TensorRegionSource:
         """One region: with ``max_upsample`` > 1, from the pyramid level the lazy path would read
         (levels computed once per image), upsampled at the box's exact position when that level
         falls short of ``out_size``; otherwise the paper's crop and resize from full resolution."""
-        if self.max_upsample == 1.0:
-            return crop_resize(image, box, out_size, self.antialias)
         x0, y0, x1, y1 = (float(v) for v in box)
-        factor = pyramid_factor(x1 - x0, y1 - y0, out_size, self.max_upsample)
+        factor = 1 if self.max_upsample == 1.0 else pyramid_factor(x1 - x0, y1 - y0, out_size, self.max_upsample)
         if factor == 1:
             return crop_resize(image, box, out_size, self.antialias)
         key = (index, factor)

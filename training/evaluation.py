@@ -86,7 +86,7 @@ def evaluate_loader(model: TNet, cfg: JobConfig, split: str, executor: Executor 
         result.skipped += batch.skipped
         if len(batch) == 0:
             continue
-        source = batch.region_source(cfg.model.in_chans, executor, cfg.model.antialias, cfg.model.read_upsample)
+        source = batch.model_source(cfg.model, executor)
         out = model(source, locations)
         labels = batch.labels
         if not result.correct_by_level:

@@ -111,7 +111,7 @@ def recalibrate(model: nn.Module, cfg: JobConfig, spec: StreamSpec, executor: Th
     with recalibrating_norms(model), torch.no_grad():
         for batch in make_loader(recal, cfg.train.batch_size, cfg.data.loader_workers):
             if len(batch):
-                model(TolerantRegionSource(batch.region_source(cfg.model.in_chans, executor, cfg.model.antialias, cfg.model.read_upsample),
+                model(TolerantRegionSource(batch.model_source(cfg.model, executor),
                                            batch.keys))
 
 
@@ -174,7 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     log.warning("%s: %s", key, SET_ASIDE)
                 set_aside += batch.keys
                 continue
-            source = TolerantRegionSource(batch.region_source(cfg.model.in_chans, executor, cfg.model.antialias, cfg.model.read_upsample),
+            source = TolerantRegionSource(batch.model_source(cfg.model, executor),
                                           batch.keys)
             labels = batch.labels.to(device)
             with torch.autocast(device.type, enabled=use_amp):
