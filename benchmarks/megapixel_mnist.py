@@ -83,6 +83,7 @@ from tnet.profiling import count_flops  # noqa: E402
 from training.config import JobConfig  # noqa: E402
 from training.evaluation import Example, example_of  # noqa: E402
 from training.optim import make_optimizer  # noqa: E402
+from training.precision import apply_layout, autocast, autocast_dtype  # noqa: E402
 
 CACHE = _ROOT / "benchmarks" / ".cache"
 FULL = {"size": 1500, "n_train": 5000, "n_test": 1000, "n_noise": 50, "minutes": 60.0, "eval_at": "5,10,30,60",
@@ -217,8 +218,10 @@ class Arm:
     ``evaluate(split, limit) -> metrics``."""
 
     def __init__(self, name: str, cfg: JobConfig, url: str, side: int, model: torch.nn.Module) -> None:
-        self.name, self.cfg, self.url, self.side, self.model = name, cfg, url, side, model
-        self.opt = make_optimizer(model, cfg.train)
+        self.name, self.cfg, self.url, self.side = name, cfg, url, side
+        self.model = apply_layout(model, cfg.train)  # both arms: the same layout and precision
+        self.opt = make_optimizer(self.model, cfg.train)
+        self.amp_dtype = autocast_dtype(torch.device("cpu"), cfg.train)
         self.max_upsample = 1.0  # TNet arms read as their config says (model.read_upsample)
 
     def spec(self, split: str, epoch: int, train: bool, quota: int) -> StreamSpec:
@@ -278,8 +281,9 @@ class TNetArm(Arm):
     def step(self, batch: Batch) -> tuple[float, int]:
         self.model.train()
         source = batch.model_source(self.cfg.model, self.executor)
-        out = self.forward(batch, source)
-        terms = self.loss(out, batch.labels)
+        with autocast(torch.device("cpu"), self.amp_dtype):
+            out = self.forward(batch, source)
+            terms = self.loss(out, batch.labels)
         self.opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         self.opt.step()
@@ -480,7 +484,8 @@ class BaselineArm(Arm):
 
     def step(self, batch: Batch) -> tuple[float, int]:
         self.model.train()
-        loss = F.cross_entropy(self.model(batch.base_views), batch.labels)
+        with autocast(torch.device("cpu"), self.amp_dtype):
+            loss = F.cross_entropy(self.model(batch.base_views), batch.labels)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

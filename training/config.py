@@ -59,7 +59,11 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    amp: bool = True  # mixed precision on GPU only
+    amp: bool = True  # mixed precision on GPU: bf16 where the GPU has it, else fp16
+    # bf16 autocast on CPU: "auto" when the CPU has native bf16 units (AMX, AVX512-BF16), where it
+    # is 1.3x faster on TNet's small convolutions; elsewhere emulated and slower ("always" forces it).
+    cpu_bf16: str = "never"  # "never" | "auto" | "always" (YAML would read on / off as booleans)
+    channels_last: bool = False  # NHWC convolution weights: oneDNN's native layout on CPU (1.12x)
     torch_threads: int = 0  # 0: as many as the worker's CPUs
     max_failures: int = 2  # worker/node losses survived by resuming from the last checkpoint
     storage_path: str = "outputs/ray_results"  # local folder or s3:// for checkpoints
@@ -84,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"train.recalibrate_norms={self.recalibrate_norms}: must be >= 0 (0 = off)")
         if not 0.0 < self.lr_decay_at <= 1.0:
             raise ValueError(f"train.lr_decay_at={self.lr_decay_at}: must be in (0, 1]")
+        if self.cpu_bf16 not in ("never", "auto", "always"):
+            raise ValueError(f"train.cpu_bf16={self.cpu_bf16!r}: must be 'never', 'auto' or 'always'")
 
 
 @dataclass(frozen=True)

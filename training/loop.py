@@ -41,6 +41,7 @@ from training.config import JobConfig, job_config_from_dict
 from training.data_errors import TolerantRegionSource, error_entries, every_rank_has, gather_json
 from training.evaluation import evaluate_loader
 from training.optim import make_optimizer
+from training.precision import apply_layout, autocast, autocast_dtype
 from training.tracking import RankZeroTracker
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed + rank)
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
 
-    model = TNet(cfg.model)
+    model = apply_layout(TNet(cfg.model), cfg.train)
     loss_fn = TNetLoss(cfg.loss).to(device)
     opt = make_optimizer(model, cfg.train)
     start_epoch = 0
@@ -146,7 +147,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shards = split_shards(cfg.data.url, cfg.data.train_split, cfg.data.storage_options)
     quota = epoch_quota(cfg, train_shards, world)
     executor = ThreadPoolExecutor(cfg.data.decode_threads)
-    use_amp = cfg.train.amp and device.type == "cuda"
+    amp_dtype = autocast_dtype(device, cfg.train)
+    if rank == 0:
+        log.info("training step precision: %s", amp_dtype or torch.float32)
     step_global = start_epoch * -(-quota // cfg.train.batch_size)
 
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -177,7 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             source = TolerantRegionSource(batch.model_source(cfg.model, executor),
                                           batch.keys)
             labels = batch.labels.to(device)
-            with torch.autocast(device.type, enabled=use_amp):
+            with autocast(device, amp_dtype):
                 out = model(source)
                 terms = loss_fn(out, labels)
             opt.zero_grad(set_to_none=True)
@@ -224,7 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "train_decoded_pixel_fraction": decoded / max(full, 1), "train_skipped": len(data_errors["skipped"]),
                     "train_damaged": len(data_errors["damaged"]), "train_set_aside": len(data_errors["set_aside"]),
                     "train_bytes_read_fraction": fetched / max(sample_bytes, 1),
-                    "lr": lr_at(cfg, epoch)}
+                    "lr": lr_at(cfg, epoch), "train_bf16": float(amp_dtype == torch.bfloat16)}
         if device.type == "cuda":
             metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         if rank == 0:
