@@ -1,6 +1,6 @@
 """Lazy TNet vs. eager TNet vs. the full-resolution backbone: images/s from the same shards, decode included.
 
-    python benchmarks/lazy_vs_full.py [--quick] [--json] [--device cuda] [--resolutions 448 896 ...]
+    python benchmarks/lazy_vs_full.py [--quick] [--json] [--device cuda] [--bf16] [--resolutions 448 896 ...]
 
 Data: generated photo-like RGB images with one object (a disk or a square), ``R x R`` pixels,
 sharded by the project's own sharding code (folder source, tile 256, JPEG quality 90) into a
@@ -29,6 +29,10 @@ two cores busy only in batches (at 896 px, batch 2 gave 2.8x over the baseline, 
 docs/benchmarks.md); ``--batch`` sets one batch for every resolution. The full-res
 training step is skipped (and said so) when its activations would need more than half of the
 free memory. FLOPs per image come from ``tnet.profiling.profile`` (torch's counter).
+
+``--bf16``: every variant in bf16 autocast with NHWC weights, as the training job runs with
+``train.cpu_bf16`` and ``train.channels_last`` (CPUs with AMX / AVX512-BF16 units run it fast);
+results then go to lazy_vs_full_bf16[.quick].json.
 
 Results: benchmarks/results/lazy_vs_full[.quick].json and .png; with --json the last printed line
 is the JSON object; it holds ``speedup_vs_full_res`` and ``speedup_vs_eager`` (inference, keyed by
@@ -82,6 +86,8 @@ from tnet.losses import LossConfig, TNetLoss  # noqa: E402
 from tnet.model import TNet  # noqa: E402
 from tnet.profiling import profile  # noqa: E402
 from tnet.regions import RegionSource, TensorRegionSource  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from training.precision import apply_layout, autocast  # noqa: E402
 
 RESOLUTIONS = (448, 896, 1792, 3584)
 QUICK_RESOLUTIONS = (448, 896)
@@ -172,8 +178,13 @@ class Bench:
         self.device, self.pool, self.batch = device, pool, batch_for(resolution, args)
         self.full_train_batch = self.batch  # lowered when the full-res activations would not fit
         self.sync = torch.cuda.synchronize if device.type == "cuda" else None
-        self.tnet = TNet(self.cfg).to(device)
-        self.full = WholeImageClassifier(args.backbone, NUM_CLASSES, resolution, dropout=0.5).to(device)
+        # --bf16: every variant under bf16 autocast with NHWC weights (training/precision.py), as the
+        # training job runs with train.cpu_bf16 and train.channels_last
+        layout = TrainConfig(channels_last=args.bf16)
+        self.amp = torch.bfloat16 if args.bf16 else None
+        self.output_dtypes: dict[str, str] = {}  # what the models computed in (the JSON says)
+        self.tnet = apply_layout(TNet(self.cfg), layout).to(device)
+        self.full = apply_layout(WholeImageClassifier(args.backbone, NUM_CLASSES, resolution, dropout=0.5), layout).to(device)
         self.loss = TNetLoss(LossConfig(w_ce=0.05, w_rf=0.05, per_feature_levels=2)).to(device)
         self.opt_tnet = torch.optim.Adam(self.tnet.parameters(), lr=1e-4)
         self.opt_full = torch.optim.Adam(self.full.parameters(), lr=1e-4)
@@ -218,11 +229,12 @@ class Bench:
     def run_tnet(self, source: RegionSource, labels: torch.Tensor, train: bool) -> None:
         if not train:
             self.tnet.eval()
-            with torch.no_grad():
-                self.tnet(source)
+            with torch.no_grad(), autocast(self.device, self.amp):
+                self.output_dtypes["tnet"] = str(self.tnet(source).logits.dtype)
             return
         self.tnet.train()
-        terms = self.loss(self.tnet(source), labels)
+        with autocast(self.device, self.amp):
+            terms = self.loss(self.tnet(source), labels)
         self.opt_tnet.zero_grad(set_to_none=True)
         terms["total"].backward()
         self.opt_tnet.step()
@@ -253,14 +265,15 @@ class Bench:
         loaded = time.perf_counter() - t0
         if train:
             self.full.train()
-            loss = F.cross_entropy(self.full(images), labels)
+            with autocast(self.device, self.amp):
+                loss = F.cross_entropy(self.full(images), labels)
             self.opt_full.zero_grad(set_to_none=True)
             loss.backward()
             self.opt_full.step()
         else:
             self.full.eval()
-            with torch.no_grad():
-                self.full(images)
+            with torch.no_grad(), autocast(self.device, self.amp):
+                self.output_dtypes["full_res"] = str(self.full(images).dtype)
         return len(labels), {"decoded_px_per_image": decoded / len(labels), "data_s_per_image": loaded / len(labels)}
 
     def steps(self, with_full_train: bool) -> dict[str, Callable[[], tuple[int, dict[str, float]]]]:
@@ -291,7 +304,7 @@ def bench_resolution(url: str, resolution: int, args: argparse.Namespace, device
         "full_res_train_gb_per_image": need / 1e9, "free_memory_gb": free / 1e9,
         "batch": bench.batch, "full_res_train_batch": bench.full_train_batch,
         "load_avg_before": load_before, "load_avg_after": load_avg(),
-        "timings": {name: t.summary() for name, t in timings.items()},
+        "timings": {name: t.summary() for name, t in timings.items()}, "output_dtypes": bench.output_dtypes,
     }  # fmt: skip
     if not full_train:
         out["full_res_train_skipped"] = (f"needs ~{need / 1e9:.1f} GB per image for its activations, "
@@ -353,6 +366,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backbone", default="efficientnet_b0", help="tests use 'tiny' to run in seconds")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--decode-threads", type=int, default=2, help="threads decoding tiles/images")
+    parser.add_argument("--bf16", action="store_true",
+                        help="all variants in bf16 autocast with NHWC weights (fast on CPUs with AMX / AVX512-BF16)")
     parser.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default benchmarks/results)")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
@@ -384,8 +399,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "out_dir")},
         "machine": machine_info(), "resolutions": rows, **summarise(rows),
     }  # fmt: skip
-    path = write_json(result, result_path("lazy_vs_full" + ("_cuda" if args.device == "cuda" else ""), args.quick,
-                                          "json", args.out_dir))  # fmt: skip
+    name = "lazy_vs_full" + ("_cuda" if args.device == "cuda" else "") + ("_bf16" if args.bf16 else "")
+    path = write_json(result, result_path(name, args.quick, "json", args.out_dir))
     result["plot"] = str(plot(rows, path.with_suffix(".png"), args.device))
     write_json(result, path)
     for key in ("speedup_vs_full_res", "speedup_vs_eager", "speedup_vs_full_res_train", "speedup_vs_eager_train"):

@@ -63,7 +63,18 @@ def test_lazy_vs_full_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert row["timings"]["tnet_lazy_infer"]["decoded_px_per_image_mean"] > 0
     assert row["timings"]["tnet_eager_infer"]["decoded_px_per_image_mean"] >= 448 * 448
     assert (tmp_path / "lazy_vs_full.json").exists() and (tmp_path / "lazy_vs_full.png").exists()
-    assert "load_avg" in result["machine"]
+    assert "load_avg" in result["machine"] and row["output_dtypes"]["tnet"] == "torch.float32"
+
+
+@pytest.mark.slow
+def test_lazy_vs_full_bf16_runs_every_variant_in_bf16(tmp_path: Path) -> None:
+    lvf = load("lazy_vs_full")
+    result = lvf.main(["--resolutions", "448", "--backbone", "tiny", "--batch", "1", "--rounds", "1",
+                       "--warmup", "0", "--images", "2", "--bf16", "--out-dir", str(tmp_path)])
+    assert result["settings"]["bf16"] is True and (tmp_path / "lazy_vs_full_bf16.json").exists()
+    assert all(v > 0 for v in result["speedup_vs_eager"].values())
+    row = result["resolutions"]["448"]
+    assert row["output_dtypes"] == {"tnet": "torch.bfloat16", "full_res": "torch.bfloat16"}
 
 
 def test_loader_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
