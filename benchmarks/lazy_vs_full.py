@@ -86,7 +86,6 @@ from tnet.losses import LossConfig, TNetLoss  # noqa: E402
 from tnet.model import TNet  # noqa: E402
 from tnet.profiling import profile  # noqa: E402
 from tnet.regions import RegionSource, TensorRegionSource  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
 from training.precision import apply_layout, autocast  # noqa: E402
 
 RESOLUTIONS = (448, 896, 1792, 3584)
@@ -180,11 +179,10 @@ class Bench:
         self.sync = torch.cuda.synchronize if device.type == "cuda" else None
         # --bf16: every variant under bf16 autocast with NHWC weights (training/precision.py), as the
         # training job runs with train.cpu_bf16 and train.channels_last
-        layout = TrainConfig(channels_last=args.bf16)
         self.amp = torch.bfloat16 if args.bf16 else None
         self.output_dtypes: dict[str, str] = {}  # what the models computed in (the JSON says)
-        self.tnet = apply_layout(TNet(self.cfg), layout).to(device)
-        self.full = apply_layout(WholeImageClassifier(args.backbone, NUM_CLASSES, resolution, dropout=0.5), layout).to(device)
+        self.tnet = apply_layout(TNet(self.cfg), args.bf16).to(device)
+        self.full = apply_layout(WholeImageClassifier(args.backbone, NUM_CLASSES, resolution, dropout=0.5), args.bf16).to(device)
         self.loss = TNetLoss(LossConfig(w_ce=0.05, w_rf=0.05, per_feature_levels=2)).to(device)
         self.opt_tnet = torch.optim.Adam(self.tnet.parameters(), lr=1e-4)
         self.opt_full = torch.optim.Adam(self.full.parameters(), lr=1e-4)

@@ -86,6 +86,7 @@ from training.optim import make_optimizer  # noqa: E402
 from training.precision import apply_layout, autocast, autocast_dtype  # noqa: E402
 
 CACHE = _ROOT / "benchmarks" / ".cache"
+CPU = torch.device("cpu")  # the arms train on CPU
 FULL = {"size": 1500, "n_train": 5000, "n_test": 1000, "n_noise": 50, "minutes": 60.0, "eval_at": "5,10,30,60",
         "config": str(_ROOT / "configs" / "megapixel_mnist.yaml")}  # fmt: skip
 QUICK = {"size": 640, "n_train": 1000, "n_test": 200, "n_noise": 9, "minutes": 3.0, "eval_at": "1,2,3",
@@ -219,9 +220,9 @@ class Arm:
 
     def __init__(self, name: str, cfg: JobConfig, url: str, side: int, model: torch.nn.Module) -> None:
         self.name, self.cfg, self.url, self.side = name, cfg, url, side
-        self.model = apply_layout(model, cfg.train)  # both arms: the same layout and precision
+        self.model = apply_layout(model, cfg.train.channels_last)  # both arms: the same layout and precision
         self.opt = make_optimizer(self.model, cfg.train)
-        self.amp_dtype = autocast_dtype(torch.device("cpu"), cfg.train)
+        self.amp_dtype = autocast_dtype(CPU, cfg.train)
         self.max_upsample = 1.0  # TNet arms read as their config says (model.read_upsample)
 
     def spec(self, split: str, epoch: int, train: bool, quota: int) -> StreamSpec:
@@ -281,7 +282,7 @@ class TNetArm(Arm):
     def step(self, batch: Batch) -> tuple[float, int]:
         self.model.train()
         source = batch.model_source(self.cfg.model, self.executor)
-        with autocast(torch.device("cpu"), self.amp_dtype):
+        with autocast(CPU, self.amp_dtype):
             out = self.forward(batch, source)
             terms = self.loss(out, batch.labels)
         self.opt.zero_grad(set_to_none=True)
@@ -484,7 +485,7 @@ class BaselineArm(Arm):
 
     def step(self, batch: Batch) -> tuple[float, int]:
         self.model.train()
-        with autocast(torch.device("cpu"), self.amp_dtype):
+        with autocast(CPU, self.amp_dtype):
             loss = F.cross_entropy(self.model(batch.base_views), batch.labels)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -125,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed + rank)
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
 
-    model = apply_layout(TNet(cfg.model), cfg.train)
+    model = apply_layout(TNet(cfg.model), cfg.train.channels_last)
     loss_fn = TNetLoss(cfg.loss).to(device)
     opt = make_optimizer(model, cfg.train)
     start_epoch = 0

@@ -41,6 +41,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def apply_layout(model: nn.Module, train: TrainConfig) -> nn.Module:
-    """Convolution weights in NHWC when ``train.channels_last`` (inputs follow the weights' layout)."""
-    return model.to(memory_format=torch.channels_last) if train.channels_last else model
+def apply_layout(model: nn.Module, channels_last: bool) -> nn.Module:
+    """Convolution weights in NHWC when ``channels_last`` (``train.channels_last``; inputs follow
+    the weights' layout)."""
+    return model.to(memory_format=torch.channels_last) if channels_last else model

@@ -49,7 +49,7 @@ def test_cpu_bf16_from_yaml_and_overrides(tmp_path) -> None:
 def test_channels_last_computes_the_same_and_checkpoints_load_anywhere() -> None:
     torch.manual_seed(0)
     plain = TNet(tiny_model()).eval()
-    nhwc = apply_layout(TNet(tiny_model()), TrainConfig(channels_last=True)).eval()
+    nhwc = apply_layout(TNet(tiny_model()), True).eval()
     nhwc.load_state_dict(plain.state_dict())
     conv = next(m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -68,7 +68,7 @@ def test_channels_last_computes_the_same_and_checkpoints_load_anywhere() -> None
 def test_a_bf16_training_step_keeps_fp32_weights_and_tracks_fp32() -> None:
     torch.manual_seed(0)
     ref = TNet(tiny_model(dropout=0.0))
-    model = apply_layout(TNet(tiny_model(dropout=0.0)), TrainConfig(channels_last=True))
+    model = apply_layout(TNet(tiny_model(dropout=0.0)), True)
     model.load_state_dict(ref.state_dict())
     loss_fn = TNetLoss(LossConfig())
     images, labels = canvases(1, 8), torch.arange(8) % 10
