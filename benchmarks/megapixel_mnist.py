@@ -39,6 +39,10 @@ points also hold that fraction over the training steps since the previous checkp
 included, which can differ much from what top-k attends at evaluation). The learning rate drops
 by ``train.lr_decay`` once ``train.lr_decay_at`` of the budget has passed.
 
+``--locations 2,4,6,8,12`` evaluates each learned-location TNet arm again after training with each
+k cells at the last level (TNet changes k without retraining): the accuracy/complexity curve, with
+the pixels decoded and the target digits in view at each k.
+
 Results: benchmarks/results/megapixel_mnist[.quick].json and .png (accuracy against training
 minutes); with --json the last printed line is the JSON object.
 """
@@ -278,6 +282,7 @@ class TNetArm(Arm):
         # their target digits' boxes normalised to the view, for attention pictures
         self.train_hits = self.train_targets = 0  # target digits inside the cells trained on
         self.kernel_norm0 = kernel_norm(self.model.backbone)
+        self.locations: tuple[int, ...] | None = None  # k per level at evaluation (None: the config's)
 
     def step(self, batch: Batch) -> tuple[float, int]:
         self.model.train()
@@ -295,10 +300,25 @@ class TNetArm(Arm):
         return float(terms["total"].detach()), source.decoded_pixels()
 
     def forward(self, batch: Batch, source: Any) -> Any:
-        return self.model(source)
+        return self.model(source, self.locations)
 
     def infer(self, batch: Batch) -> Any:
         return self.forward(batch, batch.model_source(self.cfg.model, self.executor))
+
+    def sweep_locations(self, ks: Sequence[int], split: str, limit: int | None) -> dict[str, dict[str, float]]:
+        """The trained model evaluated with k cells at the last level for each k in ``ks`` (the norms'
+        statistics as recalibrated for the trained k): the accuracy/complexity curve, with the share
+        of target digits in view and the pixels decoded, keyed by k."""
+        keep, rows = self.examples, {}
+        try:
+            for k in ks:
+                self.locations = (*self.cfg.model.locations[:-1], k)
+                row = self.evaluate(split, limit, recalibrate=False)
+                rows[str(k)] = {key: row[key] for key in ("accuracy", "decoded_pixel_fraction", "target_digit_hit_rate",
+                                                         "digits_attended_per_image", "digit_cell_fraction")}  # fmt: skip
+        finally:
+            self.locations, self.examples = None, keep
+        return rows
 
     def digits(self, key: str, targets_only: bool = True) -> np.ndarray:
         """The sample's target digits' boxes (T, 4) in stored-image pixels (all digits' without ``targets_only``)."""
@@ -342,8 +362,9 @@ class TNetArm(Arm):
         return scale | growth | ({"train_target_digit_hit_rate": hits / total} if total else {})
 
     @torch.no_grad()
-    def evaluate(self, split: str, limit: int | None) -> dict[str, float]:
-        self.recalibrate()
+    def evaluate(self, split: str, limit: int | None, recalibrate: bool = True) -> dict[str, float]:
+        if recalibrate:
+            self.recalibrate()
         seen = decoded = full = hit = targets = 0
         correct: list[int] = []
         read = np.zeros(5, np.int64)
@@ -559,12 +580,13 @@ def train_for(arm: TNetArm | BaselineArm, budget_s: float, checkpoints_s: list[f
 
 def run_arm(kind: str, name: str, cfg: JobConfig, url: str, side: int, table: dict[str, np.ndarray], budget_s: float,
             checkpoints_s: list[float], limit: int | None, threads: int, pictures: Path,
-            oracle_delay: int = 0, oracle_reset: Sequence[str] = ()) -> list[dict[str, Any]]:  # fmt: skip
+            oracle_delay: int = 0, oracle_reset: Sequence[str] = (), locations: Sequence[int] = ()) -> list[dict[str, Any]]:  # fmt: skip
     """Build one arm (``kind`` "tnet", "baseline" or an oracle arm's name) and train it; top level so a spawned process can run it.
 
     A TNet arm also draws its attention on the first test images at the last checkpoint into
     ``pictures`` with the arm's name inserted (``x.png`` -> ``x.tnet.attention.png``); the last
-    curve point names the file.
+    curve point names the file. With ``locations``, a learned-location arm is then evaluated with
+    each k (``by_locations`` in its last curve point; oracle arms read their fixed cells).
     """
     torch.set_num_threads(threads)
     with ThreadPoolExecutor(cfg.data.decode_threads) as pool:
@@ -577,6 +599,8 @@ def run_arm(kind: str, name: str, cfg: JobConfig, url: str, side: int, table: di
         else:
             arm = BaselineArm(name, cfg, url, side)
         curve = train_for(arm, budget_s, checkpoints_s, limit)
+        if locations and type(arm) is TNetArm:
+            curve[-1]["by_locations"] = arm.sweep_locations(locations, cfg.data.val_split, limit)
     if isinstance(arm, TNetArm) and arm.examples:
         path = attention_pictures(arm.examples, cfg.model.num_classes, pictures.with_suffix(f".{name}.attention.png"))
         curve[-1]["attention_png"] = path.name
@@ -648,6 +672,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "'heads' (position fusion, feature weighting, per-feature heads, final classifier: as "
                              "model.restart_heads_at does), 'optimizer' (Adam's state)")
     parser.add_argument("--baseline-size", type=int, help="baseline input side (default: FLOPs-matched)")
+    parser.add_argument("--locations", default="", metavar="K1,K2,...",
+                        help="after training, evaluate each learned-location TNet arm again with each of these k cells "
+                             "at the last level (no retraining): the accuracy/complexity curve, in the last curve "
+                             "point's by_locations and, for the tnet arm, accuracy_by_locations")
     parser.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default benchmarks/results)")
     args = parser.parse_args(argv)
     mode = QUICK if args.quick else FULL
@@ -659,6 +687,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.eval_at = sorted({float(m) for m in str(args.eval_at).split(",") if m.strip()})
         args.ablation = dict(parse_ablation(a) for a in args.ablation)
         args.arms = None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
+        args.locations = sorted({int(k) for k in args.locations.split(",") if k.strip()})
     except ValueError as exc:
         parser.error(str(exc))
     args.oracle = [] if args.oracle is None else [ORACLE_VARIANTS[v] for v in dict.fromkeys(args.oracle or ["target"])]
@@ -673,6 +702,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--minutes must be > 0, --threads and --jobs >= 1 and --eval-at minutes >= 0")
     if args.oracle_delay < 0:
         parser.error("--oracle-delay must be >= 0 images")
+    if any(k < 1 for k in args.locations):
+        parser.error(f"--locations {args.locations}: each k must be >= 1")
     if args.oracle_reset and not args.oracle_delay:
         parser.error("--oracle-reset needs --oracle-delay")
     return args
@@ -706,6 +737,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     url = str(dst.resolve())
     cfg = job_config(args.config, args.overrides, url)  # a bad config fails before any sharding
     variants = {"tnet": cfg} | {n: job_config(args.config, [*args.overrides, *o], url) for n, o in args.ablation.items()}
+    too_many = [k for k in args.locations for c in variants.values() if k > c.model.grid**2]
+    if too_many:
+        raise ValueError(f"--locations {sorted(set(too_many))}: more cells than a model's grid has")
     prepare_data(dst.resolve(), options, args.tile)
     if cfg.model.input_size != args.size:
         print(f"note: model.input_size={cfg.model.input_size} differs from the {args.size} px canvases", flush=True)
@@ -723,7 +757,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arms = [a for a in arms if args.arms is None or a[1] in args.arms]
     path = result_path("megapixel_mnist", args.quick, "json", args.out_dir)
     common = (url, side, table, budget, checkpoints, args.eval_limit, args.threads, path.with_suffix(".png"),
-              args.oracle_delay, args.oracle_reset)  # fmt: skip
+              args.oracle_delay, args.oracle_reset, args.locations)  # fmt: skip
     if args.jobs == 1:
         curves = {name: run_arm(kind, name, c, *common) for kind, name, c in arms}
     else:  # one process per arm, at most --jobs at once: each arm keeps its own cores for its budget
@@ -745,6 +779,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "decoded_pixel_fraction": final.get("tnet", missing)["decoded_pixel_fraction"],
         "baseline_decoded_pixel_fraction": final.get("baseline", missing)["decoded_pixel_fraction"],
         "target_digit_hit_rate": final.get("tnet", missing)["target_digit_hit_rate"], "curves": curves,
+        "accuracy_by_locations": {k: r["accuracy"] for k, r in final.get("tnet", {}).get("by_locations", {}).items()},
         "oracle_test_accuracy": final["oracle"]["accuracy"] if "oracle" in final else None,
         "ablation": {name: {"overrides": args.ablation[name], "gflops": flops[name] / 1e9,
                             "options": {"model": to_dict(variants[name].model), "loss": to_dict(variants[name].loss)},

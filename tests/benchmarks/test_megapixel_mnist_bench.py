@@ -94,7 +94,7 @@ def test_tiny_run_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capt
     mm = load()
     data = tmp_path / "data"
     result = mm.main([*TINY, "--data", str(data), "--out-dir", str(tmp_path), "--ablation", "k1=model.locations=[1]",
-                      "--json"])  # fmt: skip
+                      "--locations", "1,3", "--json"])  # fmt: skip
     line = json.loads([x for x in capsys.readouterr().out.splitlines() if x.strip()][-1])
     for key in ("test_accuracy", "baseline_test_accuracy", "decoded_pixel_fraction", "minutes", "options",
                 "target_digit_hit_rate", "curves", "flops", "machine", "versions", "settings", "ablation"):
@@ -128,6 +128,13 @@ def test_tiny_run_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capt
         with Image.open(picture) as img:  # 6 test images, 3 per row, each the 64 px base view x 3
             assert img.size == (3 * 192, 2 * 192)
     assert "attention_png" not in line["curves"]["baseline"][-1]
+    # --locations: the trained arms evaluated again with 1 and 3 cells; more cells decode more pixels
+    sweep = line["curves"]["tnet"][-1]["by_locations"]
+    assert set(sweep) == {"1", "3"} and set(line["accuracy_by_locations"]) == {"1", "3"}
+    assert line["accuracy_by_locations"]["3"] == sweep["3"]["accuracy"]
+    assert sweep["1"]["decoded_pixel_fraction"] < sweep["3"]["decoded_pixel_fraction"]
+    assert sweep["1"]["target_digit_hit_rate"] <= sweep["3"]["target_digit_hit_rate"]
+    assert set(line["curves"]["k1"][-1]["by_locations"]) == {"1", "3"} and "by_locations" not in line["curves"]["baseline"][-1]
 
     stamp = (data / "dataset.json").stat().st_mtime_ns
     options = {"size": 256, "n_train": 16, "n_test": 8, "n_noise": 3}
@@ -155,6 +162,8 @@ def test_jobs_train_the_arms_in_processes_of_their_own(tmp_path: Path) -> None:
     assert line["ablation"]["k1"]["accuracy"] == line["curves"]["k1"][-1]["accuracy"]
     with pytest.raises(SystemExit):
         load().parse_args(["--jobs", "0"])
+    with pytest.raises(SystemExit):
+        load().parse_args(["--locations", "0,2"])
 
 
 def test_arms_trains_only_the_named_ones(tmp_path: Path) -> None:
