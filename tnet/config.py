@@ -36,6 +36,12 @@ class TNetConfig:
     # yet tell digits from background can settle on fixed rows of cells that the coordinates make
     # easy to prefer (seen in the 60-minute Megapixel MNIST run, docs/benchmarks.md).
     loc_coords: bool = True
+    # The location module reads the backbone's map at each cell's centre (1, the paper), or max-pools
+    # it over a points x points lattice spread over the whole cell. Where objects are small against
+    # the cell (a 28 px digit in a 165 px cell of Megapixel MNIST, 3 px in the 160 px base view), the
+    # map near the centre says little about a digit by the cell's edge, and the overlapping
+    # neighbour whose centre is nearer gets the score of the digit it may hold only in part.
+    loc_points: int = 1
     feature_weighting: bool = False  # learned weights instead of the paper's plain mean
     antialias: bool = True  # antialiased resizing; False reproduces the reference code
     # Regions (and the base view) are read from the coarsest pyramid level whose pixels cover the
@@ -123,6 +129,8 @@ class TNetConfig:
             raise ValueError(f"loc_act={self.loc_act!r}: must be 'swish' or 'leaky_relu'")
         if self.pos_channels < 6:
             raise ValueError(f"pos_channels={self.pos_channels}: must be >= 6 (sin and cos of y, x, level)")
+        if not 1 <= self.loc_points <= 8:
+            raise ValueError(f"loc_points={self.loc_points}: must be in 1..8 (1 = the cell's centre, the paper)")
         if self.explore not in ("none", "gumbel"):
             raise ValueError(f"explore={self.explore!r}: must be 'none' or 'gumbel'")
         if not 0 <= self.explore_keep <= min(self.locations, default=0):

@@ -30,19 +30,31 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(self.fc2(F.silu(self.fc1(s))))
 
 
-def sample_cells(fmap: Tensor, centres: Tensor, base_size: int) -> Tensor:
+def sample_cells(fmap: Tensor, centres: Tensor, base_size: int, span: float = 0.0, points: int = 1) -> Tensor:
     """Bilinear samples of ``fmap`` (R, C, h, w) at cell centres (N,) in pixels of the region as
     read (``base_size`` px a side).
 
     Returns (R, C, N, N). The map covers the base image, so a centre c maps to 2c/base - 1 in
     grid_sample's normalised coordinates (align_corners=False: -1 and 1 are the outer edges).
+    With ``points`` > 1 each cell is sampled on a points x points lattice spread over its side
+    (``span`` px as read, lattice points at the centres of equal sub-squares) and the map's
+    channels are max-pooled over it: an object anywhere in the cell, not only near its centre,
+    reaches the cell's score.
     """
     n = centres.shape[0]
-    coords = centres / base_size * 2 - 1  # (N,)
+    if points > 1:
+        steps = (torch.arange(points, device=centres.device, dtype=centres.dtype) + 0.5) / points - 0.5
+        centres = (centres[:, None] + steps[None] * span).reshape(-1)  # (N * points,), cell by cell
+    m = centres.shape[0]
+    coords = centres / base_size * 2 - 1  # (M,)
     gy, gx = torch.meshgrid(coords, coords, indexing="ij")
-    grid = torch.stack([gx, gy], dim=-1).to(fmap.dtype)  # (N, N, 2) as (x, y)
-    grid = grid[None].expand(fmap.shape[0], n, n, 2)
-    return F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    grid = torch.stack([gx, gy], dim=-1).to(fmap.dtype)  # (M, M, 2) as (x, y)
+    grid = grid[None].expand(fmap.shape[0], m, m, 2)
+    out = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if points == 1:
+        return out
+    r, c = out.shape[:2]
+    return out.reshape(r, c, n, points, n, points).amax(dim=(3, 5))
 
 
 class LocationModule(nn.Module):
