@@ -50,8 +50,9 @@ class TNetConfig:
     # the tiles decoded for a digit of 14 px instead of 16 (in-memory images pass through the same
     # resolution, tnet.regions.pyramid_factor, so lazy and eager reads agree). Measured at 1500 px,
     # 30 min, two seeds: 1.2 decoded 6-7% of the pixels (13% at 1) and reached 0.900 against 0.850
-    # on one, but took off 10 minutes late on the other (0.455 against 0.878; docs/benchmarks.md);
-    # off in the configs until more seeds.
+    # on one, but took off 10 minutes late on the other (0.455 against 0.878). With a 224 px base
+    # view, two seeds: 0.912 and 0.908 at 30 min decoding 6.7% (the 160 px config without it:
+    # 0.885 and 0.900, 13.3-13.5%); on in configs/megapixel_mnist.yaml (docs/benchmarks.md).
     read_upsample: float = 1.0
     loc_temperature: float = 1.0  # softmax temperature on the L2-normalised logits (1 = paper)
     # Cold start (off = the paper). "gumbel": in training, top-k of log p + Gumbel noise / explore_scale
