@@ -97,7 +97,6 @@ class TNet(nn.Module):
             read = cfg.base_size if i == 0 else cfg.region_size
             centres = torch.tensor(grid.centres(), dtype=torch.float32) * read / grid.side
             self.register_buffer(f"centres_{i}", centres, persistent=False)  # (N,) pixels as read
-            setattr(self, f"cell_span_{i}", grid.patch * read / grid.side)  # a cell's side, pixels as read
 
     def head_modules(self) -> list[nn.Module]:
         """The layers that read the backbone's features (``restart_heads_at`` starts them afresh)."""
@@ -150,8 +149,9 @@ class TNet(nn.Module):
         read = self.cfg.base_size if level == 0 else self.cfg.region_size
         if self.cfg.loc_detach:
             fmap, feats = fmap.detach(), feats.detach()
-        cells = sample_cells(fmap, getattr(self, f"centres_{level}"), read, getattr(self, f"cell_span_{level}"),
-                             self.cfg.loc_points)  # fmt: skip
+        grid = self.grids[level]
+        span = grid.patch * read / grid.side  # a cell's side in pixels as read (loc_points' lattice)
+        cells = sample_cells(fmap, getattr(self, f"centres_{level}"), read, span, self.cfg.loc_points)
         logits, cell_logits = self.location(cells, feats)  # (R, N*N)
         logp = normalised_log_probs(logits, self.cfg.loc_temperature)
         return logits, cell_logits, logp, self.choose(logp, k)
