@@ -243,8 +243,12 @@ def test_read_region_equals_level_decode_and_original(seed, w, h, channels, tile
             assert bw * nw / w < out[0] or bh * nh / h < out[1]
         same_level = crop_resize(reader.read_level(lvl), level_box(box, (w, h), (lw, lh)), out, fill)
         assert diff(got, same_level).max() <= 1
+        # Against the original the filters differ (box-halved levels, then bilinear, against one
+        # bilinear pass), not only JPEG: on an 8 x 8 read from level 2 of a 121 x 342 texture the
+        # JPEG-free pyramid alone is 2.98 grey levels off on average (JPEG adds 0.14). A one output
+        # pixel shift at that size costs 14, so 4 still catches a misplaced read.
         original = diff(got, crop_resize(img, box, out, fill))
-        assert original.mean() < 3 and np.percentile(original, 99) < 20, (original.mean(), box, out, lvl)
+        assert original.mean() < 4 and np.percentile(original, 99) < 20, (original.mean(), box, out, lvl)
 
 
 def test_no_antialias_is_plain_bilinear_like_torch(grey1500: tuple[np.ndarray, bytes]) -> None:
