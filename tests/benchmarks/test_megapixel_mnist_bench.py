@@ -61,8 +61,10 @@ def test_parse_ablation_keeps_commas_inside_values() -> None:
 def test_modes_pick_their_data_config_and_budget() -> None:
     mm = load()
     quick, full = mm.parse_args(["--quick"]), mm.parse_args([])
-    assert (quick.size, quick.n_train, quick.n_test, quick.n_noise, quick.tile) == (640, 1000, 200, 9, 64)
+    assert (quick.size, quick.n_train, quick.n_test, quick.n_noise, quick.tile) == (640, 3000, 200, 9, 64)
     assert quick.config.endswith("megapixel_mnist_demo.yaml") and quick.eval_at[-1] <= quick.minutes
+    assert (quick.jobs, quick.threads, full.jobs, full.threads) == (2, 1, 1, 2)
+    assert mm.parse_args(["--quick", "--jobs", "1", "--threads", "2"]).jobs == 1  # flags beat the mode
     assert (full.size, full.n_train, full.n_test, full.n_noise, full.minutes) == (1500, 5000, 1000, 50, 60.0)
     assert full.eval_at == [5.0, 10.0, 30.0, 60.0] and full.config.endswith("megapixel_mnist.yaml")
     with pytest.raises(SystemExit):
