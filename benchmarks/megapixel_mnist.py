@@ -37,11 +37,16 @@ the fraction of target digits lying whole inside an attended region of the last 
 points also hold that fraction over the training steps since the previous checkpoint
 (``train_target_digit_hit_rate``: the cells the patch classifier was trained on, exploration
 included, which can differ much from what top-k attends at evaluation). The learning rate drops
-by ``train.lr_decay`` once ``train.lr_decay_at`` of the budget has passed.
+by ``train.lr_decay`` once ``train.lr_decay_at`` of the budget has passed. What limits accuracy is
+in each TNet point too: the test images grouped by how many of their three target digits are in
+view, with each group's accuracy (``accuracy_by_targets_attended``: a missed digit, or a misread
+one, is what costs), and how often the cells' own heads name the digit they hold
+(``cell_read_rate``, ``target_cell_read_rate``).
 
 ``--locations 2,4,6,8,12`` evaluates each learned-location TNet arm again after training with each
 k cells at the last level (TNet changes k without retraining): the accuracy/complexity curve, with
-the pixels decoded and the target digits in view at each k.
+the pixels decoded and the target digits in view at each k. ``--save-models`` also writes each
+arm's trained weights (a state_dict) beside the JSON, to evaluate them again without retraining.
 
 Results: benchmarks/results/megapixel_mnist[.quick].json and .png (accuracy against training
 minutes); with --json the last printed line is the JSON object.
@@ -330,8 +335,9 @@ class TNetArm(Arm):
     def reading(self, batch: Batch, out: Any) -> np.ndarray:
         """Counts of what the last level's attended cells show and read (any digit, distractors too):
         (cells, cells holding a digit whole, cells holding exactly one, of those the ones whose own
-        head names that digit, distinct digits inside some cell)."""
-        counts = np.zeros(5, np.int64)
+        head names that digit, distinct digits inside some cell, one-digit cells holding a target
+        digit, of those the ones whose head names it)."""
+        counts = np.zeros(7, np.int64)
         if not out.selections:
             return counts
         attended = out.selections[-1].source_boxes.double().numpy()  # (B, F, 4)
@@ -341,9 +347,12 @@ class TNetArm(Arm):
             inside = containment(attended[i], rows[:, :4])  # (D, F)
             per_cell = inside.sum(axis=0)
             single = np.flatnonzero(per_cell == 1)
-            digit_of = rows[inside[:, single].argmax(axis=0), 4] if len(single) else np.zeros(0)
-            counts += [len(per_cell), int((per_cell > 0).sum()), len(single),
-                       int((named[i, single] == digit_of).sum()), int(inside.any(axis=1).sum())]  # fmt: skip
+            which = inside[:, single].argmax(axis=0)
+            digit_of = rows[which, 4] if len(single) else np.zeros(0)
+            target = rows[which, 5] > 0 if len(single) else np.zeros(0, bool)
+            right = named[i, single] == digit_of
+            counts += [len(per_cell), int((per_cell > 0).sum()), len(single), int(right.sum()),
+                       int(inside.any(axis=1).sum()), int(target.sum()), int((right & target).sum())]  # fmt: skip
         return counts
 
     def view_digits(self, batch: Batch, i: int) -> np.ndarray:
@@ -352,10 +361,14 @@ class TNetArm(Arm):
 
     def hits(self, batch: Batch, out: Any) -> tuple[int, int]:
         """(target digits lying whole inside an attended region of the last level, target digits)."""
-        attended = out.selections[-1].source_boxes.double().numpy() if out.selections else None
-        digits = [self.digits(key) for key in batch.keys]
-        hit = sum(digits_inside(a, d) for a, d in zip(attended, digits)) if attended is not None else 0
-        return hit, sum(len(d) for d in digits)
+        return int(self.image_hits(batch, out).sum()), sum(len(self.digits(key)) for key in batch.keys)
+
+    def image_hits(self, batch: Batch, out: Any) -> np.ndarray:
+        """(B,) each image's target digits lying whole inside an attended region of the last level."""
+        if not out.selections:
+            return np.zeros(len(batch), np.int64)
+        attended = out.selections[-1].source_boxes.double().numpy()
+        return np.array([digits_inside(a, self.digits(key)) for a, key in zip(attended, batch.keys)], np.int64)
 
     def window_metrics(self) -> dict[str, float]:
         hits, total = self.train_hits, self.train_targets
@@ -370,7 +383,9 @@ class TNetArm(Arm):
             self.recalibrate()
         seen = decoded = full = hit = targets = 0
         correct: list[int] = []
-        read = np.zeros(5, np.int64)
+        read = np.zeros(7, np.int64)
+        by_hits: dict[int, list[int]] = {}  # target digits in view -> [wrong, right]
+        voted = 0
         self.examples = []
         for batch in self._eval_batches(split, limit):
             if len(batch) == 0:
@@ -380,8 +395,14 @@ class TNetArm(Arm):
             correct = correct or [0] * len(out.level_logits)
             for level, lg in enumerate(out.level_logits):
                 correct[level] += int((lg.argmax(-1) == batch.labels).sum())
-            batch_hits, batch_targets = self.hits(batch, out)
-            hit, targets = hit + batch_hits, targets + batch_targets
+            image_hits = self.image_hits(batch, out)
+            right = (out.logits.argmax(-1) == batch.labels).cpu().numpy()
+            if out.selections:  # the cells' own heads as voters: their probabilities summed over the cells
+                votes = out.feature_logits[-1].float().softmax(-1).sum(1)
+                voted += int((votes.argmax(-1) == batch.labels).sum())
+            for n, ok in zip(image_hits, right):
+                by_hits.setdefault(int(n), [0, 0])[int(ok)] += 1
+            hit, targets = hit + int(image_hits.sum()), targets + sum(len(self.digits(key)) for key in batch.keys)
             read += self.reading(batch, out)
             self.examples += [(example_of(batch, out, i), self.view_digits(batch, i))
                               for i in range(min(len(batch), PICTURES - len(self.examples)))]  # fmt: skip
@@ -389,10 +410,15 @@ class TNetArm(Arm):
         row = {"accuracy": correct[-1] / max(seen, 1) if correct else 0.0, "images": seen,
                "decoded_pixel_fraction": decoded / max(full, 1), "target_digit_hit_rate": hit / max(targets, 1)}  # fmt: skip
         row |= {f"acc_level{i}": c / max(seen, 1) for i, c in enumerate(correct)}
-        cells, with_digit, single, named, distinct = (int(v) for v in read)
+        cells, with_digit, single, named, distinct, single_target, named_target = (int(v) for v in read)
         row |= {"digit_cell_fraction": with_digit / max(cells, 1),  # attended cells holding a digit (any)
                 "digits_attended_per_image": distinct / max(seen, 1),  # distinct digits (of 5) inside some cell
-                "cell_read_rate": named / max(single, 1)}  # one-digit cells whose own head names the digit
+                "cell_read_rate": named / max(single, 1),  # one-digit cells whose own head names the digit
+                "target_cell_read_rate": named_target / max(single_target, 1),  # the same, target digits only
+                "vote_accuracy": voted / max(seen, 1),  # the last level's heads' summed probabilities (a diagnostic)
+                # what limits accuracy: images by how many target digits are in view, and the accuracy of each
+                "accuracy_by_targets_attended": {str(n): {"images": sum(c), "accuracy": c[1] / sum(c)}
+                                                 for n, c in sorted(by_hits.items())}}  # fmt: skip
         return row
 
 
@@ -583,13 +609,16 @@ def train_for(arm: TNetArm | BaselineArm, budget_s: float, checkpoints_s: list[f
 
 def run_arm(kind: str, name: str, cfg: JobConfig, url: str, side: int, table: dict[str, np.ndarray], budget_s: float,
             checkpoints_s: list[float], limit: int | None, threads: int, pictures: Path,
-            oracle_delay: int = 0, oracle_reset: Sequence[str] = (), locations: Sequence[int] = ()) -> list[dict[str, Any]]:  # fmt: skip
+            oracle_delay: int = 0, oracle_reset: Sequence[str] = (), locations: Sequence[int] = (),
+            save: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     """Build one arm (``kind`` "tnet", "baseline" or an oracle arm's name) and train it; top level so a spawned process can run it.
 
     A TNet arm also draws its attention on the first test images at the last checkpoint into
     ``pictures`` with the arm's name inserted (``x.png`` -> ``x.tnet.attention.png``); the last
     curve point names the file. With ``locations``, a learned-location arm is then evaluated with
-    each k (``by_locations`` in its last curve point; oracle arms read their fixed cells).
+    each k (``by_locations`` in its last curve point; oracle arms read their fixed cells). With
+    ``save`` the trained weights go beside the pictures (``x.png`` -> ``x.tnet.pt``, a state_dict:
+    ``torch.load(..., weights_only=True)`` reads it back) for diagnostics without retraining.
     """
     torch.set_num_threads(threads)
     with ThreadPoolExecutor(cfg.data.decode_threads) as pool:
@@ -602,6 +631,10 @@ def run_arm(kind: str, name: str, cfg: JobConfig, url: str, side: int, table: di
         else:
             arm = BaselineArm(name, cfg, url, side)
         curve = train_for(arm, budget_s, checkpoints_s, limit)
+        if save:
+            weights = pictures.with_suffix(f".{name}.pt")
+            torch.save(arm.model.state_dict(), weights)
+            curve[-1]["weights"] = weights.name
         if locations and type(arm) is TNetArm:
             curve[-1]["by_locations"] = arm.sweep_locations(locations, cfg.data.val_split, limit)
     if isinstance(arm, TNetArm) and arm.examples:
@@ -680,6 +713,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="after training, evaluate each learned-location TNet arm again with each of these k cells "
                              "at the last level (no retraining): the accuracy/complexity curve, in the last curve "
                              "point's by_locations and, for the tnet arm, accuracy_by_locations")
+    parser.add_argument("--save-models", action="store_true",
+                        help="also write each arm's trained weights beside the JSON (<name>.<arm>.pt)")
     parser.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default benchmarks/results)")
     args = parser.parse_args(argv)
     mode = QUICK if args.quick else FULL
@@ -761,7 +796,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arms = [a for a in arms if args.arms is None or a[1] in args.arms]
     path = result_path("megapixel_mnist", args.quick, "json", args.out_dir)
     common = (url, side, table, budget, checkpoints, args.eval_limit, args.threads, path.with_suffix(".png"),
-              args.oracle_delay, args.oracle_reset, args.locations)  # fmt: skip
+              args.oracle_delay, args.oracle_reset, args.locations, args.save_models)  # fmt: skip
     if args.jobs == 1:
         curves = {name: run_arm(kind, name, c, *common) for kind, name, c in arms}
     else:  # one process per arm, at most --jobs at once: each arm keeps its own cores for its budget

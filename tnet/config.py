@@ -43,6 +43,13 @@ class TNetConfig:
     # neighbour whose centre is nearer gets the score of the digit it may hold only in part.
     loc_points: int = 1
     feature_weighting: bool = False  # learned weights instead of the paper's plain mean
+    # Self-attention layers over an image's features (whole view and attended cells, each with its
+    # position fused in) before they are pooled; 0 = the paper's pooling of independent features.
+    # A mean counts a digit held by two overlapping cells twice and lets a cell cut through a digit
+    # vote; attention sees every feature with its neighbours' and can discount both, as the
+    # transformer pooling of iterative patch selection (IPS) does over its selected patches.
+    mixer_layers: int = 0
+    mixer_heads: int = 4
     antialias: bool = True  # antialiased resizing; False reproduces the reference code
     # Regions (and the base view) are read from the coarsest pyramid level whose pixels cover the
     # output up to this factor, then upsampled; 1 = never upsample (the paper's full-resolution
@@ -153,6 +160,8 @@ class TNetConfig:
             raise ValueError(f"read_upsample={self.read_upsample}: must be >= 1 (1 = never upsample)")
         if self.loc_temperature <= 0:
             raise ValueError(f"loc_temperature={self.loc_temperature}: must be > 0")
+        if not 0 <= self.mixer_layers <= 8 or self.mixer_heads < 1:
+            raise ValueError(f"mixer_layers={self.mixer_layers}, mixer_heads={self.mixer_heads}: need 0..8 layers, >= 1 head")
         level_grids(self.input_size, self.levels, self.grid, self.overlap)  # raises on bad geometry
 
     @property

@@ -81,6 +81,17 @@ class TNet(nn.Module):
             cfg.loc_coords,
         )
         self.weighting = nn.Linear(dim, 1) if cfg.feature_weighting else None
+        if cfg.mixer_layers and dim % cfg.mixer_heads:
+            raise ValueError(f"mixer_heads={cfg.mixer_heads}: must divide the feature width {dim}")
+        self.mixer = (
+            nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(dim, cfg.mixer_heads, 2 * dim, cfg.dropout, batch_first=True, norm_first=True),
+                cfg.mixer_layers,
+                enable_nested_tensor=False,
+            )
+            if cfg.mixer_layers
+            else None
+        )
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(dim, cfg.num_classes)
         self.feature_heads = nn.ModuleList(nn.Linear(dim, cfg.num_classes) for _ in range(cfg.levels))
@@ -101,7 +112,8 @@ class TNet(nn.Module):
     def head_modules(self) -> list[nn.Module]:
         """The layers that read the backbone's features (``restart_heads_at`` starts them afresh)."""
         return [self.project, self.position, self.classifier, self.feature_heads,
-                *([self.weighting] if self.weighting is not None else [])]  # fmt: skip
+                *([self.weighting] if self.weighting is not None else []),
+                *([self.mixer] if self.mixer is not None else [])]  # fmt: skip
 
     def restart_heads(self, seed: int = 0) -> None:
         """New initial weights for ``head_modules``, drawn from ``seed`` alone, so that every DDP
@@ -111,8 +123,10 @@ class TNet(nn.Module):
             torch.manual_seed(seed)
             for module in self.head_modules():
                 for layer in module.modules():
-                    if hasattr(layer, "reset_parameters"):
-                        layer.reset_parameters()
+                    # nn.MultiheadAttention (the mixer) names its initialiser with an underscore
+                    reset = getattr(layer, "reset_parameters", None) or getattr(layer, "_reset_parameters", None)
+                    if reset is not None:
+                        reset()
 
     # -- pieces ---------------------------------------------------------------------------------
     def encode(self, patches: Tensor, pos: Tensor, level: int = 0) -> tuple[Tensor, Tensor]:
@@ -127,7 +141,9 @@ class TNet(nn.Module):
     def aggregate(self, features: Tensor, scores: Tensor | None = None) -> Tensor:
         """(B, F, D) -> (B, classes): the paper's plain mean, or weights from learned logits
         (``feature_weighting``) plus the cells' location scores (``scores``, (B, F), with
-        ``score_pooling``)."""
+        ``score_pooling``); with ``mixer_layers`` the features attend to each other first."""
+        if self.mixer is not None:
+            features = self.mixer(features)
         if self.weighting is None and scores is None:
             pooled = features.mean(dim=1)
         else:

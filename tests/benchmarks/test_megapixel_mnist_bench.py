@@ -173,8 +173,18 @@ def test_arms_trains_only_the_named_ones(tmp_path: Path) -> None:
     mm = load()
     anneal = "anneal=model.explore_scale_end=16,model.explore_anneal_images=8"
     result = mm.main([*TINY, "--data", str(tmp_path / "data"), "--out-dir", str(tmp_path),
-                      "--ablation", "k1=model.locations=[1]", "--ablation", anneal, "--arms", "k1,anneal"])  # fmt: skip
+                      "--ablation", "k1=model.locations=[1]", "--ablation", anneal, "--arms", "k1,anneal",
+                      "--save-models"])  # fmt: skip
     assert set(result["curves"]) == {"k1", "anneal"} and set(result["ablation"]) == {"k1", "anneal"}
+    # --save-models: each arm's trained weights beside the JSON, read back (weights only) into a
+    # fresh model of the arm's config; the baseline arm was not trained, so it wrote nothing
+    saved = tmp_path / result["curves"]["k1"][-1]["weights"]
+    assert saved.name == "megapixel_mnist.k1.pt"
+    cfg = mm.job_config(mm.FULL["config"], [*[TINY[i + 1] for i, a in enumerate(TINY) if a == "--set"],
+                                            "model.locations=[1]"], str(tmp_path / "data"))  # fmt: skip
+    fresh = mm.TNet(cfg.model)
+    fresh.load_state_dict(torch.load(saved, weights_only=True))
+    assert not (tmp_path / "megapixel_mnist.baseline.pt").exists()
     # the exploration scale in force at each checkpoint: the config's slow anneal (4 -> 64 over 13,000
     # images) has barely moved; the fast one (4 -> 16 over 8 images) is done
     # (how far it moved depends on how many images a fast machine trains in the budget)
@@ -214,7 +224,11 @@ def test_evaluation_recalibrates_the_norms_when_the_config_asks(tmp_path: Path) 
             assert (not torch.equal(before, after)) is changes, n
             assert row["images"] == 8
             assert 0 <= row["digit_cell_fraction"] <= 1 and 0 <= row["cell_read_rate"] <= 1
-            assert 0 <= row["digits_attended_per_image"] <= 5
+            assert 0 <= row["digits_attended_per_image"] <= 5 and 0 <= row["target_cell_read_rate"] <= 1
+            by_hits = row["accuracy_by_targets_attended"]  # every test image counted once, by its targets in view
+            assert set(by_hits) <= {"0", "1", "2", "3"} and sum(r["images"] for r in by_hits.values()) == 8
+            right = sum(r["accuracy"] * r["images"] for r in by_hits.values())
+            assert abs(right / 8 - row["accuracy"]) < 1e-9
 
 
 def test_reading_counts_cells_digits_and_what_each_head_names() -> None:
@@ -229,10 +243,11 @@ def test_reading_counts_cells_digits_and_what_each_head_names() -> None:
         logits[0, cell, named] = 1.0
     out = SimpleNamespace(selections=[SimpleNamespace(source_boxes=cells.double())], feature_logits=[None, logits])
     counts = mm.TNetArm.reading(SimpleNamespace(table=table), SimpleNamespace(keys=["a"]), out)
-    # 5 cells; 4 hold a digit; cells 0-2 hold exactly one (7, 7, 3), heads name 7, 2, 3; digits seen: 7, 3, 1
-    assert counts.tolist() == [5, 4, 3, 2, 3]
+    # 5 cells; 4 hold a digit; cells 0-2 hold exactly one (7, 7, 3), heads name 7, 2, 3; digits seen: 7, 3, 1;
+    # of the one-digit cells, 0 and 1 hold a target (the 7), and the head of cell 0 alone names it
+    assert counts.tolist() == [5, 4, 3, 2, 3, 2, 1]
     empty = SimpleNamespace(selections=[], feature_logits=[logits])
-    assert mm.TNetArm.reading(SimpleNamespace(table=table), SimpleNamespace(keys=["a"]), empty).tolist() == [0] * 5
+    assert mm.TNetArm.reading(SimpleNamespace(table=table), SimpleNamespace(keys=["a"]), empty).tolist() == [0] * 7
 
 
 @settings(max_examples=60, deadline=None)
