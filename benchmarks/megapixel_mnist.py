@@ -347,9 +347,8 @@ class TNetArm(Arm):
             inside = containment(attended[i], rows[:, :4])  # (D, F)
             per_cell = inside.sum(axis=0)
             single = np.flatnonzero(per_cell == 1)
-            which = inside[:, single].argmax(axis=0)
-            digit_of = rows[which, 4] if len(single) else np.zeros(0)
-            target = rows[which, 5] > 0 if len(single) else np.zeros(0, bool)
+            which = inside[:, single].argmax(axis=0) if len(single) else np.zeros(0, np.int64)
+            digit_of, target = rows[which, 4], rows[which, 5] > 0
             right = named[i, single] == digit_of
             counts += [len(per_cell), int((per_cell > 0).sum()), len(single), int(right.sum()),
                        int(inside.any(axis=1).sum()), int(target.sum()), int((right & target).sum())]  # fmt: skip

@@ -246,6 +246,8 @@ def test_reading_counts_cells_digits_and_what_each_head_names() -> None:
     # 5 cells; 4 hold a digit; cells 0-2 hold exactly one (7, 7, 3), heads name 7, 2, 3; digits seen: 7, 3, 1;
     # of the one-digit cells, 0 and 1 hold a target (the 7), and the head of cell 0 alone names it
     assert counts.tolist() == [5, 4, 3, 2, 3, 2, 1]
+    unknown = mm.TNetArm.reading(SimpleNamespace(table=table), SimpleNamespace(keys=["b"]), out)  # no digits listed
+    assert unknown.tolist() == [5, 0, 0, 0, 0, 0, 0]
     empty = SimpleNamespace(selections=[], feature_logits=[logits])
     assert mm.TNetArm.reading(SimpleNamespace(table=table), SimpleNamespace(keys=["a"]), empty).tolist() == [0] * 7
 
