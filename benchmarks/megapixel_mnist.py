@@ -360,14 +360,18 @@ class TNetArm(Arm):
 
     def hits(self, batch: Batch, out: Any) -> tuple[int, int]:
         """(target digits lying whole inside an attended region of the last level, target digits)."""
-        return int(self.image_hits(batch, out).sum()), sum(len(self.digits(key)) for key in batch.keys)
+        inside, total = self.image_hits(batch, out)
+        return int(inside.sum()), int(total.sum())
 
-    def image_hits(self, batch: Batch, out: Any) -> np.ndarray:
-        """(B,) each image's target digits lying whole inside an attended region of the last level."""
+    def image_hits(self, batch: Batch, out: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(B,) each image's target digits lying whole inside an attended region of the last level,
+        and (B,) its target digits."""
+        digits = [self.digits(key) for key in batch.keys]
+        total = np.array([len(d) for d in digits], np.int64)
         if not out.selections:
-            return np.zeros(len(batch), np.int64)
+            return np.zeros(len(batch), np.int64), total
         attended = out.selections[-1].source_boxes.double().numpy()
-        return np.array([digits_inside(a, self.digits(key)) for a, key in zip(attended, batch.keys)], np.int64)
+        return np.array([digits_inside(a, d) for a, d in zip(attended, digits)], np.int64), total
 
     def window_metrics(self) -> dict[str, float]:
         hits, total = self.train_hits, self.train_targets
@@ -392,16 +396,17 @@ class TNetArm(Arm):
             source = batch.model_source(self.cfg.model, self.executor)
             out = self.forward(batch, source)
             correct = correct or [0] * len(out.level_logits)
-            for level, lg in enumerate(out.level_logits):
-                correct[level] += int((lg.argmax(-1) == batch.labels).sum())
-            image_hits = self.image_hits(batch, out)
-            right = (out.logits.argmax(-1) == batch.labels).cpu().numpy()
+            rights = [lg.argmax(-1) == batch.labels for lg in out.level_logits]  # the last is out.logits'
+            for level, ok in enumerate(rights):
+                correct[level] += int(ok.sum())
+            image_hits, image_targets = self.image_hits(batch, out)
+            right = rights[-1].cpu().numpy()
             if out.selections:  # the cells' own heads as voters: their probabilities summed over the cells
                 votes = out.feature_logits[-1].float().softmax(-1).sum(1)
                 voted += int((votes.argmax(-1) == batch.labels).sum())
             for n, ok in zip(image_hits, right):
                 by_hits.setdefault(int(n), [0, 0])[int(ok)] += 1
-            hit, targets = hit + int(image_hits.sum()), targets + sum(len(self.digits(key)) for key in batch.keys)
+            hit, targets = hit + int(image_hits.sum()), targets + int(image_targets.sum())
             read += self.reading(batch, out)
             self.examples += [(example_of(batch, out, i), self.view_digits(batch, i))
                               for i in range(min(len(batch), PICTURES - len(self.examples)))]  # fmt: skip
