@@ -243,6 +243,8 @@ class Arm:
         return StreamSpec(url=self.url, split=split, shards=shards, base_size=self.side,
                           channels=self.cfg.model.in_chans, quota=quota, epoch=epoch, seed=self.cfg.train.seed,
                           train=train, augment=d.augment, flip=d.flip, colour_jitter=d.colour_jitter,
+                          crop_min_area=d.crop_min_area, crop_max_aspect=d.crop_max_aspect,
+                          keep_objects=d.keep_objects,
                           shuffle_buffer=d.shuffle_buffer, max_upsample=self.max_upsample)  # fmt: skip
 
     def window_metrics(self) -> dict[str, float]:
@@ -356,7 +358,7 @@ class TNetArm(Arm):
 
     def view_digits(self, batch: Batch, i: int) -> np.ndarray:
         """Image ``i``'s target digits as (T, 4) boxes normalised to its view."""
-        return self.digits(batch.keys[i]) / np.tile(batch.views[i].box[2:], 2)
+        return batch.views[i].from_source(self.digits(batch.keys[i]))
 
     def hits(self, batch: Batch, out: Any) -> tuple[int, int]:
         """(target digits lying whole inside an attended region of the last level, target digits)."""
@@ -514,8 +516,7 @@ class OracleArm(TNetArm):
                 return self.model(source)
         rng = self.rng if self.model.training else np.random.default_rng(0)  # evaluation: the same cells each time
         k = self.cfg.model.locations[0]
-        scale = [np.tile(batch.views[i].box[2:], 2) for i in range(len(batch))]
-        digits = [self.digits(key, self.targets_only) / s for key, s in zip(batch.keys, scale)]
+        digits = [view.from_source(self.digits(key, self.targets_only)) for key, view in zip(batch.keys, batch.views)]
         chosen = [oracle_cells(d, self.cells, k, rng, self.place) for d in digits]
         return self.model(source, cells=[torch.tensor(chosen)[:, None, :]])
 

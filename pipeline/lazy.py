@@ -57,29 +57,59 @@ class View:
         w, h = x1 - x0, y1 - y0
         return np.stack([x0 + nx0 * w, y0 + ny0 * h, x0 + nx1 * w, y0 + ny1 * h], axis=-1)
 
+    def from_source(self, boxes: np.ndarray) -> np.ndarray:
+        """Source-pixel xyxy (..., 4) -> normalised view xyxy; the inverse of ``to_source``."""
+        x0, y0, x1, y1 = self.box
+        w, h = x1 - x0, y1 - y0
+        b = np.asarray(boxes, np.float64)
+        nx0, nx1 = (b[..., 0] - x0) / w, (b[..., 2] - x0) / w
+        if self.flip:
+            nx0, nx1 = 1.0 - nx1, 1.0 - nx0
+        return np.stack([nx0, (b[..., 1] - y0) / h, nx1, (b[..., 3] - y0) / h], axis=-1)
+
 
 def random_view(width: int, height: int, rng: random.Random, flip: bool = True, jitter: bool = True,
                 area: tuple[float, float] = (0.85, 1.0), aspect: tuple[float, float] = (0.5, 2.0),
-                objects: list[list[float]] | None = None, min_object_cover: float = 0.1) -> View:
+                objects: list[list[float]] | None = None, min_object_cover: float = 0.1,
+                keep_objects: bool = False) -> View:
     """The paper's training view: a crop of 85-100% of the area, aspect 0.5-2, covering at least
     ``min_object_cover`` of the first object box when boxes are known; then flip and colour.
+
+    ``keep_objects``: every box of ``objects`` lies whole inside the crop instead. Where the label
+    counts objects (Megapixel MNIST's majority of target digits), a crop that cuts one off changes
+    the answer: label noise. The crop's corner is drawn among the positions that hold the boxes'
+    union, so the constraint costs a retry only when the drawn size cannot hold it.
 
     Falls back to the whole image after 10 tries (as Inception-style croppers do).
     """
     box = (0.0, 0.0, float(width), float(height))
+    need = _union(objects, width, height) if keep_objects and objects else None
     for _ in range(10):
         a = rng.uniform(*area) * width * height
         r = np.exp(rng.uniform(np.log(aspect[0]), np.log(aspect[1])))
         w, h = np.sqrt(a * r), np.sqrt(a / r)
         if w > width or h > height:
             continue
-        x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+        (xlo, xhi), (ylo, yhi) = (0.0, width - w), (0.0, height - h)
+        if need is not None:
+            xlo, xhi = max(xlo, need[2] - w), min(xhi, need[0])
+            ylo, yhi = max(ylo, need[3] - h), min(yhi, need[1])
+            if xlo > xhi or ylo > yhi:
+                continue
+        x0, y0 = rng.uniform(xlo, xhi), rng.uniform(ylo, yhi)
         cand = (x0, y0, x0 + w, y0 + h)
-        if objects and _cover(cand, objects[0]) < min_object_cover:
+        if objects and need is None and _cover(cand, objects[0]) < min_object_cover:
             continue
         box = cand
         break
     return View(box, flip=flip and rng.random() < 0.5, jitter=Jitter.draw(rng) if jitter else Jitter("none"))
+
+
+def _union(objects: list[list[float]], width: int, height: int) -> tuple[float, float, float, float]:
+    """The boxes' union (xyxy), clipped to the image: a box partly outside can only be kept in part."""
+    x0, y0 = max(min(o[0] for o in objects), 0.0), max(min(o[1] for o in objects), 0.0)
+    x1, y1 = min(max(o[2] for o in objects), float(width)), min(max(o[3] for o in objects), float(height))
+    return x0, y0, max(x1, x0), max(y1, y0)
 
 
 def _cover(box: tuple[float, ...], obj: list[float]) -> float:

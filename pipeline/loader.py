@@ -64,6 +64,9 @@ class StreamSpec:
     augment: bool = True  # with train: random crop, plus flip and jitter as below; False: the whole view
     flip: bool = True
     colour_jitter: bool = True
+    crop_min_area: float = 0.85  # the random crop keeps this fraction of the area or more
+    crop_max_aspect: float = 2.0  # and an aspect ratio in [1 / this, this]
+    keep_objects: bool = False  # the crop holds every object box whole (``object_boxes``)
     shuffle_buffer: int = 128
     storage_options: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = 2**34
@@ -73,6 +76,9 @@ class StreamSpec:
     def __post_init__(self) -> None:
         if self.access not in ACCESS_MODES:
             raise ValueError(f"access={self.access!r}: must be one of {list(ACCESS_MODES)}")
+        if not 0.0 < self.crop_min_area <= 1.0 or self.crop_max_aspect < 1.0:
+            raise ValueError(f"crop_min_area={self.crop_min_area}, crop_max_aspect={self.crop_max_aspect}: "
+                             "need 0 < crop_min_area <= 1 and crop_max_aspect >= 1")
 
 
 ACCESS_MODES = ("stream", "random")
@@ -252,10 +258,11 @@ class ShardStream(IterableDataset):
     def _view(self, reader: PyramidReader, meta: dict[str, Any], rng: random.Random) -> tuple[View, torch.Tensor]:
         """The sample's view (random crop/flip/jitter in training, else whole) and its base pixels."""
         spec = self.spec
-        objects = [b["box"] for b in meta.get("meta", {}).get("boxes", []) if "box" in b]
         if spec.train and spec.augment:
             view = random_view(reader.width, reader.height, rng, spec.flip, spec.colour_jitter,
-                               objects=objects or None)
+                               area=(spec.crop_min_area, 1.0),
+                               aspect=(1.0 / spec.crop_max_aspect, spec.crop_max_aspect),
+                               objects=object_boxes(meta) or None, keep_objects=spec.keep_objects)
         else:
             view = View((0.0, 0.0, float(reader.width), float(reader.height)))
         pixels = reader.read_region(view.box, spec.base_size, fill=128, max_upsample=spec.max_upsample)
@@ -288,6 +295,25 @@ class ShardStream(IterableDataset):
                             len(sample["tif"]), len(sample["tif"]))
         except (KeyError, ValueError, json.JSONDecodeError, FormatError, OSError) as exc:
             return PipelineError(f"{key}: undecodable sample ({type(exc).__name__}: {exc})")
+
+
+def object_boxes(meta: dict[str, Any]) -> list[list[float]]:
+    """A sample's class-defining object boxes (xyxy) in stored pixels, from its ``.json`` member:
+    the source's ``boxes`` (fMoW's) and its target ``digits`` (Megapixel MNIST's; the other
+    digits do not decide the label), scaled by ``scale`` (sources give source pixels,
+    docs/format.md).
+
+    Raises:
+        ValueError: a box that is not four numbers.
+    """
+    inner = meta.get("meta", {})
+    scale = float(meta.get("scale", 1.0))
+    boxes = [b["box"] for b in inner.get("boxes", []) if "box" in b]
+    boxes += [d["box"] for d in inner.get("digits", []) if d.get("target") and "box" in d]
+    for b in boxes:
+        if len(b) != 4:
+            raise ValueError(f"object box {b} has {len(b)} numbers: expected x0, y0, x1, y1")
+    return [[float(v) * scale for v in b] for b in boxes]
 
 
 def collate(items: list[Prepared | PipelineError]) -> Batch | None:

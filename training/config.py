@@ -28,6 +28,12 @@ class DataConfig:
     augment: bool = True  # crop 85-100% area, flip, colour jitter, expressed as a view box
     flip: bool = True  # horizontal flips (off for digits, where a mirror changes the class)
     colour_jitter: bool = True
+    crop_min_area: float = 0.85  # the training crop keeps 85-100% of the area (the paper)
+    crop_max_aspect: float = 2.0  # at an aspect ratio in [1/2, 2] (the paper)
+    # The crop holds every class-defining object whole (fMoW's boxes, Megapixel MNIST's target
+    # digits; pipeline.loader.object_boxes) instead of 10% of the first: where the label counts
+    # objects, a cut-off one changes the answer.
+    keep_objects: bool = False
     samples_per_epoch: int | None = None  # None: the manifest's train count
     val_samples: int | None = None  # None: the whole validation split
     max_bad_fraction: float = 0.05  # stop when more than this fraction of samples fail to decode
@@ -37,6 +43,9 @@ class DataConfig:
             raise ValueError(f"data.access={self.access!r}: must be 'stream' or 'random'")
         if self.shuffle_buffer < 1 or self.loader_workers < 0 or self.decode_threads < 1:
             raise ValueError("data.shuffle_buffer/decode_threads must be >= 1 and loader_workers >= 0")
+        if not 0.0 < self.crop_min_area <= 1.0 or self.crop_max_aspect < 1.0:
+            raise ValueError(f"data.crop_min_area={self.crop_min_area}, data.crop_max_aspect={self.crop_max_aspect}: "
+                             "need 0 < crop_min_area <= 1 and crop_max_aspect >= 1")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction}: must be in [0, 1]")
 

@@ -98,7 +98,8 @@ def epoch_spec(cfg: JobConfig, shards: list[tuple[str, int]], quota: int, rank: 
         url=cfg.data.url, split=cfg.data.train_split, shards=tuple(s for s, _ in shards),
         base_size=cfg.model.base_size, channels=cfg.model.in_chans, quota=quota, rank=rank, world=world,
         epoch=epoch, seed=cfg.train.seed, augment=cfg.data.augment, flip=cfg.data.flip,
-        colour_jitter=cfg.data.colour_jitter, shuffle_buffer=cfg.data.shuffle_buffer,
+        colour_jitter=cfg.data.colour_jitter, crop_min_area=cfg.data.crop_min_area,
+        crop_max_aspect=cfg.data.crop_max_aspect, keep_objects=cfg.data.keep_objects, shuffle_buffer=cfg.data.shuffle_buffer,
         storage_options=dict(cfg.data.storage_options), access=cfg.data.access,
         max_upsample=cfg.model.read_upsample,
     )

@@ -403,3 +403,44 @@ def test_threaded_reads_equal_serial_reads(colour_reader: PyramidReader) -> None
         threaded = PyramidRegionSource([colour_reader] * 4, views, 3, executor=pool).read_regions(boxes, 24)
     assert serial.shape == (4, 2, 3, 24, 24)
     assert torch.equal(serial, threaded)
+
+
+_box = st.tuples(st.floats(0, 400), st.floats(0, 300), st.floats(1, 120), st.floats(1, 120)).map(
+    lambda b: [b[0], b[1], b[0] + b[2], b[1] + b[3]])
+
+
+@given(objects=st.lists(_box, min_size=1, max_size=5), seed=st.integers(0, 2**16),
+       min_area=st.floats(0.3, 1.0), max_aspect=st.floats(1.0, 2.0))
+def test_random_view_keeping_objects_holds_them_whole(objects: list[list[float]], seed: int, min_area: float,
+                                                      max_aspect: float) -> None:
+    """Every object (clipped to the image) lies whole inside the crop; the crop lies inside the image
+    with the asked area and aspect, or is the whole image (the fallback)."""
+    width, height = 512, 384
+    view = random_view(width, height, random.Random(seed), flip=False, jitter=False, area=(min_area, 1.0),
+                       aspect=(1 / max_aspect, max_aspect), objects=objects, keep_objects=True)
+    x0, y0, x1, y1 = view.box
+    assert 0 <= x0 < x1 <= width + 1e-6 and 0 <= y0 < y1 <= height + 1e-6
+    for ox0, oy0, ox1, oy1 in objects:
+        assert x0 <= max(ox0, 0) + 1e-6 and y0 <= max(oy0, 0) + 1e-6
+        assert min(ox1, width) <= x1 + 1e-6 and min(oy1, height) <= y1 + 1e-6
+    if view.box != (0.0, 0.0, float(width), float(height)):
+        w, h = x1 - x0, y1 - y0
+        assert min_area * width * height * (1 - 1e-9) <= w * h <= width * height * (1 + 1e-9)
+        assert 1 / max_aspect - 1e-9 <= w / h <= max_aspect + 1e-9
+
+
+def test_random_view_keeping_objects_still_crops() -> None:
+    """Small objects leave room: most draws are crops, of varied size, not the whole-image fallback."""
+    rng = random.Random(0)
+    views = [random_view(1500, 1500, rng, area=(0.5, 1.0), objects=[[600, 600, 628, 628], [900, 700, 928, 728]],
+                         keep_objects=True) for _ in range(100)]
+    areas = [(v.box[2] - v.box[0]) * (v.box[3] - v.box[1]) / 1500**2 for v in views]
+    assert sum(a < 1.0 for a in areas) >= 95 and min(areas) < 0.6
+
+
+@given(box=_box, view_box=_box, flip=st.booleans())
+def test_from_source_inverts_to_source(box: list[float], view_box: list[float], flip: bool) -> None:
+    view = View(tuple(view_box), flip=flip)  # type: ignore[arg-type]
+    norm = view.from_source(np.array(box))
+    np.testing.assert_allclose(view.to_source(norm), box, atol=1e-6)
+    assert norm[0] <= norm[2] and norm[1] <= norm[3]  # still x0 <= x1 after a flip

@@ -12,6 +12,7 @@ torch and costs seconds (12 s per 2-worker loader on a busy 2-core machine, 0.3 
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import shutil
 import tarfile
@@ -25,7 +26,16 @@ import pytest
 from torch.utils.data import DataLoader
 
 from pipeline.errors import PipelineError
-from pipeline.loader import Batch, ShardStream, StreamSpec, collate, make_loader, slot_plan, split_shards
+from pipeline.loader import (
+    Batch,
+    ShardStream,
+    StreamSpec,
+    collate,
+    make_loader,
+    object_boxes,
+    slot_plan,
+    split_shards,
+)
 from tests.fixtures.tiny_mnist import shard_tiny_mnist
 
 WORLD, WORKERS = 2, 2
@@ -184,3 +194,59 @@ def test_training_without_augmentation_still_shuffles(dataset: Path) -> None:
             assert view.box[0] == view.box[1] == 0.0 and not view.flip
     augmented = [v for b in order(train=True, epoch=0)[1] for v in b.views]
     assert any(v.box[0] > 0 or v.box[1] > 0 for v in augmented)  # augmentation on: random crops
+
+
+def _digit_boxes(url: Path, split: str) -> dict[str, list[list[float]]]:
+    """Each sample's target digit boxes, from its ``.json`` member in the shards."""
+    out: dict[str, list[list[float]]] = {}
+    for shard in sorted((url / split).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    out[meta["key"]] = [d["box"] for d in meta["meta"]["digits"] if d["target"]]
+    return out
+
+
+@pytest.mark.parametrize("access", ["stream", "random"])
+def test_crops_that_keep_objects_hold_every_target_digit_whole(dataset: Path, access: str) -> None:
+    """``keep_objects``: random crops (here down to half the area) that never cut a target digit,
+    whichever way the samples are read; without it, crops of that size do cut some off."""
+    n = len(manifest_keys(dataset, "train"))
+    targets = _digit_boxes(dataset, "train")
+
+    def views(keep: bool) -> list[tuple[str, tuple[float, ...]]]:
+        spec = spec_for(dataset, "train", 0, 4 * n, world=1, flip=False, colour_jitter=False, access=access,
+                        crop_min_area=0.5, crop_max_aspect=1.25, keep_objects=keep)
+        return [(k, v.box) for b in run_rank(spec, None, workers=0) for k, v in zip(b.keys, b.views)]
+
+    kept = views(True)
+    assert len(kept) == 4 * n
+    cropped = [box for _, box in kept if box != (0.0, 0.0, 512.0, 512.0)]
+    assert len(cropped) >= 0.9 * len(kept)  # crops, not the whole-image fallback
+    assert min((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in cropped) < 0.7 * 512 * 512
+    for key, (x0, y0, x1, y1) in kept:
+        for bx0, by0, bx1, by1 in targets[key]:
+            assert x0 <= bx0 and y0 <= by0 and bx1 <= x1 and by1 <= y1, (key, (x0, y0, x1, y1))
+
+    def cut(box: tuple[float, ...], key: str) -> bool:
+        return any(not (box[0] <= d[0] and box[1] <= d[1] and d[2] <= box[2] and d[3] <= box[3]) for d in targets[key])
+
+    assert any(cut(box, key) for key, box in views(False))
+
+
+def test_object_boxes_reads_boxes_and_target_digits_in_stored_pixels() -> None:
+    meta = {"scale": 0.5, "meta": {
+        "boxes": [{"box": [10, 20, 30, 40], "category": "x"}],
+        "digits": [{"box": [0, 0, 28, 28], "target": True}, {"box": [50, 50, 78, 78], "target": False}]}}
+    assert object_boxes(meta) == [[5.0, 10.0, 15.0, 20.0], [0.0, 0.0, 14.0, 14.0]]
+    assert object_boxes({"meta": {}}) == []
+    with pytest.raises(ValueError, match=r"\[1, 2, 3\] has 3 numbers"):
+        object_boxes({"meta": {"boxes": [{"box": [1, 2, 3]}]}})
+
+
+def test_crop_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="crop_min_area=0.0"):
+        StreamSpec(url="x", split="train", shards=(), base_size=64, channels=1, quota=1, crop_min_area=0.0)
+    with pytest.raises(ValueError, match="crop_max_aspect=0.5"):
+        StreamSpec(url="x", split="train", shards=(), base_size=64, channels=1, quota=1, crop_max_aspect=0.5)
