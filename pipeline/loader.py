@@ -76,12 +76,17 @@ class StreamSpec:
     def __post_init__(self) -> None:
         if self.access not in ACCESS_MODES:
             raise ValueError(f"access={self.access!r}: must be one of {list(ACCESS_MODES)}")
-        if not 0.0 < self.crop_min_area <= 1.0 or self.crop_max_aspect < 1.0:
-            raise ValueError(f"crop_min_area={self.crop_min_area}, crop_max_aspect={self.crop_max_aspect}: "
-                             "need 0 < crop_min_area <= 1 and crop_max_aspect >= 1")
+        check_crop(self.crop_min_area, self.crop_max_aspect)
 
 
 ACCESS_MODES = ("stream", "random")
+
+
+def check_crop(min_area: float, max_aspect: float, prefix: str = "") -> None:
+    """Raises ValueError naming the keys unless 0 < min_area <= 1 and max_aspect >= 1."""
+    if not 0.0 < min_area <= 1.0 or max_aspect < 1.0:
+        raise ValueError(f"{prefix}crop_min_area={min_area}, {prefix}crop_max_aspect={max_aspect}: "
+                         "need 0 < crop_min_area <= 1 and crop_max_aspect >= 1")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.loader import check_crop
 from tnet.config import TNetConfig
 from tnet.configtools import from_dict, load_config, to_dict
 from tnet.losses import LossConfig
@@ -43,9 +44,7 @@ class DataConfig:
             raise ValueError(f"data.access={self.access!r}: must be 'stream' or 'random'")
         if self.shuffle_buffer < 1 or self.loader_workers < 0 or self.decode_threads < 1:
             raise ValueError("data.shuffle_buffer/decode_threads must be >= 1 and loader_workers >= 0")
-        if not 0.0 < self.crop_min_area <= 1.0 or self.crop_max_aspect < 1.0:
-            raise ValueError(f"data.crop_min_area={self.crop_min_area}, data.crop_max_aspect={self.crop_max_aspect}: "
-                             "need 0 < crop_min_area <= 1 and crop_max_aspect >= 1")
+        check_crop(self.crop_min_area, self.crop_max_aspect, "data.")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction}: must be in [0, 1]")
 
