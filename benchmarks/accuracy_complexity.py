@@ -79,7 +79,7 @@ def sweep(model: TNet, data: DataConfig, split: str, settings: list[str], limit:
           batch_size: int) -> list[dict[str, Any]]:  # fmt: skip
     """One evaluation pass per setting (the model's own first): accuracy, GFLOPs, decoded fraction, speed."""
     cfg = JobConfig(model=model.cfg, data=data)
-    default = ",".join(str(k) for k in model.cfg.locations)
+    default = ",".join(str(k) for k in model.cfg.inference_locations)
     rows = []
     with ThreadPoolExecutor(data.decode_threads) as pool:
         for text in dict.fromkeys([default, *settings]):

@@ -518,7 +518,7 @@ class OracleArm(TNetArm):
         k = self.cfg.model.locations[0]
         digits = [view.from_source(self.digits(key, self.targets_only)) for key, view in zip(batch.keys, batch.views)]
         chosen = [oracle_cells(d, self.cells, k, rng, self.place) for d in digits]
-        return self.model(source, cells=[torch.tensor(chosen)[:, None, :]])
+        return self.model(source, self.cfg.model.locations, cells=[torch.tensor(chosen)[:, None, :]])  # k fixed cells
 
     def restart(self) -> None:
         """Start the ``reset`` parts afresh: new initial weights, or an empty optimiser state."""

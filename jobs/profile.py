@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = from_dict(TNetConfig, load_yaml(args.config).get("model", {}), "model")
     result = dataclasses.asdict(profile(cfg, args.locations))
     result["config"] = args.config
-    result["locations"] = list(args.locations or cfg.locations)
+    result["locations"] = list(args.locations or cfg.inference_locations)
     print(f"{args.config}: {cfg.backbone}, input {cfg.input_size} px, base {cfg.base_size} px, "
           f"{cfg.levels} levels, locations {result['locations']}")
     print(f"  features/image {result['features_per_image']}, TNet {result['gflops']:.3f} GFLOPs, "

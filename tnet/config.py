@@ -22,6 +22,12 @@ class TNetConfig:
     grid: int = 3  # N: candidates per row/column of a region
     overlap: float = 0.5  # patch side as a fraction of its region side
     locations: tuple[int, ...] = (2,)  # k per level 1..levels-1; changeable at inference
+    # k per level when the model is not training (evaluation, the registered model); None = the
+    # training ``locations``. Reading more cells than in training costs decoding and FLOPs linearly
+    # and can only add evidence the classifier already knows how to pool: a model trained with 8
+    # cells on Megapixel MNIST reads the 3 target digits' near misses with 10 (60 min, the same
+    # model: 0.972 against 0.956 at 8, docs/benchmarks.md). A ``locations`` argument overrides both.
+    eval_locations: tuple[int, ...] | None = None
     feature_dim: int | None = None  # None keeps the backbone's width (paper: fMoW 1280, ImageNet 512)
     dropout: float = 0.5  # before the classifier (paper: fMoW 0.5)
     drop_path: float = 0.0  # stochastic depth inside the backbone (paper: 0.3 then 0.5)
@@ -129,6 +135,10 @@ class TNetConfig:
         for k in self.locations:
             if not 1 <= k <= self.grid * self.grid:
                 raise ValueError(f"locations={list(self.locations)}: each k must be in 1..{self.grid ** 2}")
+        evals = self.eval_locations
+        if evals is not None and (len(evals) != self.levels - 1 or any(not 1 <= k <= self.grid**2 for k in evals)):
+            raise ValueError(f"eval_locations={list(evals)}: need {self.levels - 1} values in 1..{self.grid ** 2} "
+                             "(or null for locations)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout}: must be in [0, 1)")
         if self.pos_mode not in ("add", "concat"):
@@ -177,5 +187,14 @@ class TNetConfig:
         return self.explore_scale * (self.explore_scale_end / self.explore_scale) ** done
 
     @property
+    def inference_locations(self) -> tuple[int, ...]:
+        """k per level outside training: ``eval_locations``, else ``locations``."""
+        return tuple(self.locations if self.eval_locations is None else self.eval_locations)
+
+    def default_locations(self, training: bool) -> tuple[int, ...]:
+        return tuple(self.locations) if training else self.inference_locations
+
+    @property
     def features_per_image(self) -> int:
-        return features_per_image(self.locations)
+        """Features per image at inference (the count FLOPs and decoding scale with)."""
+        return features_per_image(self.inference_locations)

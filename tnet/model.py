@@ -211,7 +211,8 @@ class TNet(nn.Module):
     def forward(
         self, source: RegionSource | Tensor, locations: Sequence[int] | None = None, cells: Sequence[Tensor] | None = None
     ) -> TNetOutput:
-        """Classify a batch; ``locations`` overrides k per level without retraining.
+        """Classify a batch; ``locations`` overrides k per level without retraining (default: the
+        config's ``locations`` in training mode, its ``inference_locations`` in eval mode).
 
         ``cells`` (diagnostics: oracle cells, replaying a selection) gives, per attended level, the
         (B, R, k) cell indices to read instead of the module's choice; its scores still come out.
@@ -219,7 +220,7 @@ class TNet(nn.Module):
         if isinstance(source, Tensor):
             source = TensorRegionSource(source, antialias=self.cfg.antialias, max_upsample=self.cfg.read_upsample)
         cfg = self.cfg
-        locs = tuple(cfg.locations if locations is None else locations)
+        locs = tuple(cfg.default_locations(self.training) if locations is None else locations)
         if len(locs) != len(self.grids) or any(not 1 <= k <= cfg.grid**2 for k in locs):
             raise ValueError(f"locations={list(locs)}: need {len(self.grids)} values in 1..{cfg.grid ** 2}")
         batch, size, base = len(source), float(cfg.input_size), cfg.base_size

@@ -54,7 +54,7 @@ def assess(model_uri: str, data: DataConfig, split: str, settings: Sequence[str]
            limit: int | None = None, out_dir: Path | None = None, batch_size: int = 16) -> Assessment:
     model = load_tnet(model_uri)
     cfg = JobConfig(model=model.cfg, data=replace(data, val_split=split))
-    default = ",".join(str(k) for k in model.cfg.locations)
+    default = ",".join(str(k) for k in model.cfg.inference_locations)
     options = list(dict.fromkeys([default, *settings]))
     result = Assessment(model_uri, 0.0)
     points = []

@@ -104,7 +104,7 @@ def log_pyfunc(model: TNet, folder: Path, name: str = "model", registered_name: 
     if example is not None:
         wrapper = TNetPyfunc()
         wrapper.cfg, wrapper.model = model.cfg, model.eval()
-        signature = infer_signature(example, wrapper.predict(None, example), params={"locations": list(model.cfg.locations)})
+        signature = infer_signature(example, wrapper.predict(None, example), params={"locations": list(model.cfg.inference_locations)})
         signature.inputs = Schema([TensorSpec(example.dtype, (-1, -1, -1) + tuple(example.shape[3:]))])
     return mlflow.pyfunc.log_model(
         name=name, python_model=str(ENTRY), artifacts=artifacts, code_paths=CODE_PATHS,

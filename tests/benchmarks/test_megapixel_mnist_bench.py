@@ -88,7 +88,7 @@ def test_a_config_for_several_workers_trains_one_process_with_their_summed_batch
 TINY = ["--size", "256", "--n-train", "16", "--n-test", "8", "--n-noise", "3", "--minutes", "0.02",
         "--eval-at", "0", "--threads", "1",
         "--set", "model.input_size=256", "--set", "model.base_size=64", "--set", "model.grid=4",
-        "--set", "model.overlap=0.3", "--set", "model.locations=[2]", "--set", "train.batch_size=4",
+        "--set", "model.overlap=0.3", "--set", "model.locations=[2]", "--set", "model.eval_locations=null", "--set", "train.batch_size=4",
         "--set", "data.shuffle_buffer=4", "--set", "train.recalibrate_norms=8"]  # fmt: skip
 
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -67,6 +69,21 @@ def test_locations_change_features_and_flops():
     assert large / small == pytest.approx(10 / 3, rel=0.05)
     with pytest.raises(ValueError, match="locations"):
         model(x, [10, 1])
+
+
+def test_eval_locations_apply_outside_training_only():
+    cfg = dataclasses.replace(CFG, eval_locations=(3, 1))
+    model, x = TNet(cfg), images(2)
+    assert cfg.inference_locations == (3, 1) and cfg.features_per_image == 1 + 3 + 3
+    with torch.no_grad():
+        assert model.train()(x).features_per_image == 1 + 2 + 4  # training: ``locations``
+        assert model.eval()(x).features_per_image == 1 + 3 + 3
+        assert model(x, [1, 1]).features_per_image == 3  # an explicit argument wins
+    assert profile(cfg).features_per_image == 7  # FLOPs are counted at the inference k
+    assert TNet(CFG).eval()(x).features_per_image == 7 and CFG.inference_locations == CFG.locations
+    for bad in ((3,), (10, 1), (0, 1)):
+        with pytest.raises(ValueError, match="eval_locations"):
+            dataclasses.replace(CFG, eval_locations=bad)
 
 
 def test_selection_is_deterministic_top_k_in_training_mode():

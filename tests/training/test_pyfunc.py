@@ -118,3 +118,18 @@ def test_loading_reads_the_weights_with_weights_only(logged: dict[str, Any], mon
     monkeypatch.setattr(torch, "load", spy)
     mlflow.pyfunc.load_model(str(logged["local"]))
     assert calls and all(c.get("weights_only") is True for c in calls)
+
+
+def test_the_registered_model_reads_its_eval_locations(logged: dict[str, Any], tmp_path: Path) -> None:
+    """A model trained with k = 2 and configured to read 3 cells outside training does so when
+    served (without params), and its signature advertises that default."""
+    torch.manual_seed(0)
+    model = TNet(tiny_model(eval_locations=(3,))).eval()
+    images = logged["images"]
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("pyfunc").experiment_id):
+        info = log_pyfunc(model, tmp_path / "staging", example=images)
+    served = mlflow.pyfunc.load_model(info.model_uri)
+    assert [len(b) for b in served.predict(images)["boxes"]] == [3, 3]
+    assert [len(b) for b in served.predict(images, params={"locations": [2]})["boxes"]] == [2, 2]
+    params = {p.name: p.default for p in served.metadata.get_params_schema().params}
+    assert list(params["locations"]) == [3]
