@@ -7,6 +7,12 @@ from dataclasses import dataclass
 from tnet.geometry import features_per_image, level_grids
 
 
+def check_locations(ks: tuple[int, ...] | list[int], levels: int, grid: int, name: str = "locations") -> None:
+    """Raises ValueError naming ``name`` unless ``ks`` holds one k in 1..grid^2 per level after 0."""
+    if len(ks) != levels - 1 or any(not 1 <= k <= grid * grid for k in ks):
+        raise ValueError(f"{name}={list(ks)}: need one k per level after 0 ({levels - 1}), each in 1..{grid ** 2}")
+
+
 @dataclass(frozen=True)
 class TNetConfig:
     num_classes: int = 10
@@ -130,15 +136,9 @@ class TNetConfig:
             raise ValueError(f"input_size={self.input_size}, base_size={self.base_size}: need input >= base >= 16")
         if self.patch_size is not None and self.patch_size < 16:
             raise ValueError(f"patch_size={self.patch_size}: must be >= 16 (or null for base_size)")
-        if len(self.locations) != self.levels - 1:
-            raise ValueError(f"locations={list(self.locations)}: need one k per level after 0 ({self.levels - 1})")
-        for k in self.locations:
-            if not 1 <= k <= self.grid * self.grid:
-                raise ValueError(f"locations={list(self.locations)}: each k must be in 1..{self.grid ** 2}")
-        evals = self.eval_locations
-        if evals is not None and (len(evals) != self.levels - 1 or any(not 1 <= k <= self.grid**2 for k in evals)):
-            raise ValueError(f"eval_locations={list(evals)}: need {self.levels - 1} values in 1..{self.grid ** 2} "
-                             "(or null for locations)")
+        check_locations(self.locations, self.levels, self.grid)
+        if self.eval_locations is not None:
+            check_locations(self.eval_locations, self.levels, self.grid, "eval_locations")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout}: must be in [0, 1)")
         if self.pos_mode not in ("add", "concat"):
@@ -190,9 +190,6 @@ class TNetConfig:
     def inference_locations(self) -> tuple[int, ...]:
         """k per level outside training: ``eval_locations``, else ``locations``."""
         return tuple(self.locations if self.eval_locations is None else self.eval_locations)
-
-    def default_locations(self, training: bool) -> tuple[int, ...]:
-        return tuple(self.locations) if training else self.inference_locations
 
     @property
     def features_per_image(self) -> int:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from tnet.backbones import create_backbone
-from tnet.config import TNetConfig
+from tnet.config import TNetConfig, check_locations
 from tnet.geometry import level_grids
 from tnet.levelnorm import LevelNormStats
 from tnet.location import LocationModule, normalised_log_probs, sample_cells
@@ -220,9 +220,11 @@ class TNet(nn.Module):
         if isinstance(source, Tensor):
             source = TensorRegionSource(source, antialias=self.cfg.antialias, max_upsample=self.cfg.read_upsample)
         cfg = self.cfg
-        locs = tuple(cfg.default_locations(self.training) if locations is None else locations)
-        if len(locs) != len(self.grids) or any(not 1 <= k <= cfg.grid**2 for k in locs):
-            raise ValueError(f"locations={list(locs)}: need {len(self.grids)} values in 1..{cfg.grid ** 2}")
+        if locations is None:
+            locs = tuple(cfg.locations) if self.training else cfg.inference_locations
+        else:
+            locs = tuple(locations)
+            check_locations(locs, cfg.levels, cfg.grid)
         batch, size, base = len(source), float(cfg.input_size), cfg.base_size
         if self.training and torch.is_grad_enabled() and cfg.restart_heads_at:  # before any head is used
             seen = int(self.explore_images)
