@@ -116,6 +116,11 @@ PICTURES = 6  # test images drawn with each TNet arm's attention at its last che
 
 
 # -- data -------------------------------------------------------------------------------------------
+def cache_folder(options: dict[str, int], tile: int) -> Path:
+    """The default dataset folder for these canvas options, named by them (reused across runs)."""
+    return CACHE / ("megapixel-mnist-{size}px-{n_train}-{n_test}-noise{n_noise}".format(**options) + f"-tile{tile}")
+
+
 def prepare_data(dst: Path, options: dict[str, int], tile: int) -> str:
     """Shard Megapixel MNIST into ``dst`` unless dataset.json there already records these options.
 
@@ -776,8 +781,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start, load_before = time.perf_counter(), load_avg()
     torch.set_num_threads(args.threads)
     options = {"size": args.size, "n_train": args.n_train, "n_test": args.n_test, "n_noise": args.n_noise}
-    dst = args.data or CACHE / ("megapixel-mnist-{size}px-{n_train}-{n_test}-noise{n_noise}".format(**options)
-                                + f"-tile{args.tile}")  # fmt: skip
+    dst = args.data or cache_folder(options, args.tile)
     url = str(dst.resolve())
     cfg = job_config(args.config, args.overrides, url)  # a bad config fails before any sharding
     variants = {"tnet": cfg} | {n: job_config(args.config, [*args.overrides, *o], url) for n, o in args.ablation.items()}

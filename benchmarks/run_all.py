@@ -23,6 +23,7 @@ BENCHMARKS = [
     ("lazy_vs_full.py", ["--quick", "--json"], ["--json"]),
     ("loader.py", ["--quick", "--json"], ["--json"]),
     ("accuracy_complexity.py", ["--quick", "--json"], ["--json"]),
+    ("ddp_scaling.py", ["--quick", "--json"], ["--json"]),  # quick ~2 min, full ~10 min (3 rounds of 800 images)
     # quick ~7 min; full: TNet and the baseline at once, one core each, 60 min + ~5 min sharding and evaluation
     ("megapixel_mnist.py", ["--quick", "--json"], ["--jobs", "2", "--threads", "1", "--json"]),
 ]

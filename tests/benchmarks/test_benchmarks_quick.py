@@ -114,3 +114,25 @@ def test_accuracy_complexity_needs_data_with_model() -> None:
     acc = load("accuracy_complexity")
     with pytest.raises(SystemExit):
         acc.parse_args(["--model", "models:/x@champion"])
+
+@pytest.mark.slow
+def test_ddp_scaling_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load("ddp_scaling")
+    result = bench.main(["--n-train", "24", "--images", "4", "--batch", "2", "--warmup-steps", "1", "--rounds", "1",
+                         "--variants", "one_thread,independent,ddp", "--data", str(tmp_path / "data"),
+                         "--set", "train.cpu_bf16=never", "--json", "--out-dir", str(tmp_path)])
+    assert last_json_line(capsys) == json.loads(json.dumps(result, default=str))
+    assert set(result["images_per_s"]) == {"one_thread", "independent", "ddp"}
+    assert all(v > 0 for v in result["images_per_s"].values())
+    ddp = result["rounds"]["ddp"][0]["processes"]
+    assert sorted(p["rank"] for p in ddp) == [0, 1] and all(p["images"] == 4 for p in ddp)
+    assert result["speedup_vs_one_thread"]["one_thread"] == 1.0 and result["ddp_vs_independent"] > 0
+    assert result["variants"]["ddp"] == {"processes": 2, "torch_threads": 1, "ddp": True, "batch_per_process": 2}
+    assert (tmp_path / "ddp_scaling.json").exists() and (tmp_path / "ddp_scaling.png").exists()
+
+
+def test_ddp_scaling_rejects_unknown_variants() -> None:
+    bench = load("ddp_scaling")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variants", "one_thread,three_threads"])
+    assert bench.parse_args(["--quick"]).images == 240
