@@ -72,9 +72,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from tnet.model import TNet
     from training.config import load_job_config
     from training.data_errors import TolerantRegionSource, every_rank_has
-    from training.loop import epoch_quota, epoch_spec
+    from training.loop import epoch_quota, epoch_spec, train_step
     from training.optim import make_optimizer
-    from training.precision import apply_layout, autocast, autocast_dtype
+    from training.precision import apply_layout, autocast_dtype
 
     torch.set_num_threads(args.threads)
     cfg = load_job_config(args.config, [*args.overrides, f"data.url={args.url}", f"train.batch_size={args.batch}"])
@@ -103,12 +103,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             if not every_rank_has(len(batch) > 0, world, cpu):
                 continue
             source = TolerantRegionSource(batch.model_source(cfg.model, executor), batch.keys)
-            with autocast(cpu, amp_dtype):
-                terms = loss_fn(model(source), batch.labels)
-            opt.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            opt.step()
-            loss_fn.update_baseline(terms)
+            train_step(model, loss_fn, opt, source, batch.labels, cpu, amp_dtype)
             images += len(batch)
             step += 1
             if step >= steps_needed:

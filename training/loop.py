@@ -117,6 +117,20 @@ def recalibrate(model: nn.Module, cfg: JobConfig, spec: StreamSpec, executor: Th
                                            batch.keys))
 
 
+def train_step(model: nn.Module, loss_fn: TNetLoss, opt: torch.optim.Optimizer, source: Any, labels: torch.Tensor,
+               device: torch.device, amp_dtype: torch.dtype | None) -> tuple[Any, dict[str, torch.Tensor]]:
+    """One optimiser step on one batch (also what benchmarks/ddp_scaling.py times); returns TNet's
+    output and the loss terms."""
+    with autocast(device, amp_dtype):
+        out = model(source)
+        terms = loss_fn(out, labels)
+    opt.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    opt.step()
+    loss_fn.update_baseline(terms)
+    return out, terms
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = job_config_from_dict(config["job"])
     ctx = ray.train.get_context()
@@ -181,13 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             source = TolerantRegionSource(batch.model_source(cfg.model, executor),
                                           batch.keys)
             labels = batch.labels.to(device)
-            with autocast(device, amp_dtype):
-                out = model(source)
-                terms = loss_fn(out, labels)
-            opt.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            opt.step()
-            loss_fn.update_baseline(terms)
+            out, terms = train_step(model, loss_fn, opt, source, labels, device, amp_dtype)
             for key, reason in source.damaged.items():
                 log.warning("damaged (read as grey): %s", reason)
                 damaged.setdefault(key, reason)

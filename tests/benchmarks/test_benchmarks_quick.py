@@ -115,6 +115,7 @@ def test_accuracy_complexity_needs_data_with_model() -> None:
     with pytest.raises(SystemExit):
         acc.parse_args(["--model", "models:/x@champion"])
 
+
 @pytest.mark.slow
 def test_ddp_scaling_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bench = load("ddp_scaling")
