@@ -6,7 +6,8 @@
 Accuracy at the model's configured locations (its model.eval_locations, else model.locations: the k
 it was trained with) and at each --locations setting ("2" = k=2 at every level, "2,1" = per level),
 the accuracy/GFLOPs curve as a PNG (logged to MLflow), the decoded-pixel fraction and images/s.
---promote evaluates models:/NAME@champion on the same data and moves the "champion" alias to the candidate when the candidate is strictly more accurate.
+--promote evaluates models:/NAME@champion on the same data and moves the "champion" alias to the
+candidate when the candidate is strictly more accurate.
 """
 
 from __future__ import annotations
