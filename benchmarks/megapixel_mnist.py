@@ -91,7 +91,7 @@ from tnet.model import TNet  # noqa: E402
 from tnet.profiling import count_flops  # noqa: E402
 from training.config import JobConfig  # noqa: E402
 from training.evaluation import Example, example_of  # noqa: E402
-from training.optim import make_optimizer  # noqa: E402
+from training.optim import make_optimizer, warmup_factor  # noqa: E402
 from training.precision import apply_layout, autocast, autocast_dtype  # noqa: E402
 
 CACHE = _ROOT / "benchmarks" / ".cache"
@@ -607,7 +607,8 @@ def train_for(arm: TNetArm | BaselineArm, budget_s: float, checkpoints_s: list[f
                 break
             if len(batch):
                 decay = clock >= cfg.train.lr_decay_at * budget_s
-                arm.set_lr(cfg.train.lr * (cfg.train.lr_decay if decay else 1.0))
+                arm.set_lr(cfg.train.lr * (cfg.train.lr_decay if decay else 1.0)
+                           * warmup_factor(cfg.train, images + len(batch)))
                 loss, px = arm.step(batch)
                 steps, images, decoded, full = steps + 1, images + len(batch), decoded + px, full + batch.full_pixels
                 losses.append(loss)

@@ -56,6 +56,11 @@ class TrainConfig:
     lr: float = 1e-3  # Adam; no weight decay for TNet (paper)
     lr_decay_at: float = 0.8  # fraction of training after which lr is multiplied by lr_decay
     lr_decay: float = 0.1
+    # Linear warm-up: the rate rises from lr / N to lr over the first N training images (all workers
+    # together; 0 = none, the paper). Adam's first steps are full-size whatever the gradient, and at
+    # a high rate they move the still-random location module and heads furthest from where learning
+    # can start (the demo at 4e-3 began slower than at 2e-3); a ramp keeps the high rate for later.
+    warmup_images: int = 0
     # Decoupled weight decay (AdamW) on weights of 2+ dimensions; 0 = Adam without decay, the paper.
     # Adam's steps, of about lr per weight whatever the gradient, keep growing the norm of every
     # convolution that feeds a BatchNorm, and the larger the norm the smaller a step's effect; decay
@@ -90,6 +95,8 @@ class TrainConfig:
             raise ValueError("train.epochs, batch_size and num_workers must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"train.lr={self.lr}: must be > 0")
+        if self.warmup_images < 0:
+            raise ValueError(f"train.warmup_images={self.warmup_images}: must be >= 0 (0 = no warm-up)")
         if self.weight_decay < 0:
             raise ValueError(f"train.weight_decay={self.weight_decay}: must be >= 0 (0 = Adam, no decay)")
         if self.recalibrate_norms < 0:

@@ -40,7 +40,7 @@ from tnet.model import TNet
 from training.config import JobConfig, job_config_from_dict
 from training.data_errors import TolerantRegionSource, error_entries, every_rank_has, gather_json
 from training.evaluation import evaluate_loader
-from training.optim import make_optimizer
+from training.optim import make_optimizer, warmup_factor
 from training.precision import apply_layout, autocast, autocast_dtype
 from training.tracking import RankZeroTracker
 
@@ -72,9 +72,11 @@ def debug_record(folder: str | None, name: str, data: dict[str, Any]) -> None:
         Path(folder, name).write_text(json.dumps(data))
 
 
-def lr_at(cfg: JobConfig, epoch: int) -> float:
-    """Adam's step schedule of the paper: x lr_decay once lr_decay_at of training has passed."""
-    return cfg.train.lr * (cfg.train.lr_decay if epoch >= int(cfg.train.lr_decay_at * cfg.train.epochs) else 1.0)
+def lr_at(cfg: JobConfig, epoch: int, images: int | None = None) -> float:
+    """Adam's step schedule of the paper: x lr_decay once lr_decay_at of training has passed; with
+    ``images`` (trained so far, all ranks, this step's included) also ``train.warmup_images``' ramp."""
+    lr = cfg.train.lr * (cfg.train.lr_decay if epoch >= int(cfg.train.lr_decay_at * cfg.train.epochs) else 1.0)
+    return lr * (warmup_factor(cfg.train, images) if images is not None else 1.0)
 
 
 def save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, loss: TNetLoss, epoch: int,
@@ -106,8 +108,9 @@ def epoch_spec(cfg: JobConfig, shards: list[tuple[str, int]], quota: int, rank: 
 
 
 def recalibrate(model: nn.Module, cfg: JobConfig, spec: StreamSpec, executor: ThreadPoolExecutor) -> None:
-    """Recompute the norms' running statistics from ``train.recalibrate_norms`` training samples
-    (this rank's share, the epoch's order, no augmentation); unreadable ones are skipped."""
+    """Recompute the norms' running statistics from ``train.recalibrate_norms`` training samples:
+    each rank its share (the epoch's order, no augmentation; unreadable ones are skipped), then
+    the ranks' statistics are pooled, so every rank and the checkpoint hold those of all samples."""
     share = max(cfg.train.recalibrate_norms // spec.world, 1)
     recal = dataclasses.replace(spec, quota=min(share, spec.quota), train=False, flip=False, colour_jitter=False)
     with recalibrating_norms(model), torch.no_grad():
@@ -115,6 +118,36 @@ def recalibrate(model: nn.Module, cfg: JobConfig, spec: StreamSpec, executor: Th
             if len(batch):
                 model(TolerantRegionSource(batch.model_source(cfg.model, executor),
                                            batch.keys))
+    pool_norm_stats(model, spec.world)
+
+
+def pool_norm_stats(model: nn.Module, world: int) -> None:
+    """Every rank's recomputed norm statistics replaced by their mean over all ranks, weighted by
+    each rank's batch count (a collective: all ranks call it).
+
+    Why exact: with ``momentum=None`` a norm's running mean and variance are the plain averages of
+    its batches' statistics, so the count-weighted mean of the ranks' averages is the average over
+    every batch of every rank, what one process would compute from all the samples. A rank that
+    read nothing has count 0 and no weight. Without it, rank 0 (whose weights are checkpointed and
+    evaluated) kept the statistics of its own share only.
+    """
+    if world == 1 or not torch.distributed.is_initialized():
+        return
+    buffers = dict(model.named_buffers())
+    stats = [(buffers[name], buffers[name.rsplit("running_", 1)[0] + "num_batches_tracked"])
+             for name in buffers if name.endswith(("running_mean", "running_var"))]
+    if not stats:
+        return
+    counts = torch.stack([count.double() for _, count in stats])  # read before any is overwritten
+    flat = torch.cat([counts] + [stat.double().flatten() * count.double() for stat, count in stats])
+    torch.distributed.all_reduce(flat)
+    total, offset = flat[: len(stats)], len(stats)
+    for (stat, count), n in zip(stats, total.tolist()):
+        part = flat[offset: offset + stat.numel()]
+        offset += stat.numel()
+        if n > 0:
+            stat.copy_((part / n).view_as(stat))
+        count.fill_(int(n))  # the batches behind the pooled statistics
 
 
 def train_step(model: nn.Module, loss_fn: TNetLoss, opt: torch.optim.Optimizer, source: Any, labels: torch.Tensor,
@@ -195,6 +228,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             source = TolerantRegionSource(batch.model_source(cfg.model, executor),
                                           batch.keys)
             labels = batch.labels.to(device)
+            if step_global * cfg.train.batch_size * world < cfg.train.warmup_images:
+                for group in opt.param_groups:  # counted in full batches, so a resumed run ramps alike
+                    group["lr"] = lr_at(cfg, epoch, (step_global + 1) * cfg.train.batch_size * world)
             out, terms = train_step(model, loss_fn, opt, source, labels, device, amp_dtype)
             for key, reason in source.damaged.items():
                 log.warning("damaged (read as grey): %s", reason)
@@ -217,6 +253,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "step/decoded_pixel_fraction": source.decoded_pixels() / max(batch.full_pixels, 1),
                     "step/bytes_read_fraction": batch.bytes_fetched() / max(batch.sample_bytes, 1),
                     "step/images_per_s": seen * world / max(time.monotonic() - t0, 1e-9),
+                    "step/lr": opt.param_groups[0]["lr"],
                 }, step_global)
         elapsed = time.monotonic() - t0
         ranks = gather_json({"skipped": error_entries(bad), "damaged": error_entries(list(damaged.values())),

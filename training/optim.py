@@ -23,3 +23,11 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimize
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=train.lr)
+
+
+def warmup_factor(train: TrainConfig, images: int) -> float:
+    """The share of ``train.lr`` after ``images`` training images (counting the current step's):
+    a linear ramp over ``train.warmup_images``, then 1."""
+    if not train.warmup_images:
+        return 1.0
+    return min(1.0, max(images, 1) / train.warmup_images)

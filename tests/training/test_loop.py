@@ -8,6 +8,8 @@ not, and "1 epoch, then resume to 2" would differ from "2 epochs" for a reason t
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +25,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.loader import split_shards
 from pipeline.pyramid import PyramidReader
+from tests.conftest import free_port
+from tests.fixtures import pool_norms_rank
 from tests.fixtures.ray_runs import train_in_process
 from tests.fixtures.tiny_mnist import tiny_job
 from tnet.model import TNet
@@ -33,6 +37,10 @@ from training.loop import CHECKPOINT_FILE, epoch_quota, epoch_spec, load_state, 
 pytestmark = pytest.mark.slow
 
 
+POOL_RANK = Path(pool_norms_rank.__file__)
+WARMUP = 40  # images: steps of 8 images ramp the rate over 5 steps, past the first epoch's 3
+
+
 def final_state(outcome: TrainOutcome) -> dict[str, Any]:
     return load_state(os.path.join(outcome.checkpoint, CHECKPOINT_FILE))
 
@@ -40,9 +48,9 @@ def final_state(outcome: TrainOutcome) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def straight(ray_local: Any, tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         tuple[JobConfig, TrainOutcome]]:
-    """Two epochs without interruption."""
+    """Two epochs without interruption; the learning-rate warm-up runs into the second epoch."""
     tmp = tmp_path_factory.mktemp("straight")
-    cfg = tiny_job(tiny_mnist, tmp, run_name="straight", epochs=2, lr_decay_at=1.0)
+    cfg = tiny_job(tiny_mnist, tmp, run_name="straight", epochs=2, lr_decay_at=1.0, warmup_images=WARMUP)
     yield cfg, train_in_process(cfg, tmp / "out")
 
 
@@ -61,6 +69,9 @@ def test_run_is_tracked_and_registered(straight: tuple[JobConfig, TrainOutcome],
     fraction = mlrun.data.metrics["train_decoded_pixel_fraction"]
     assert 0.0 < fraction <= 5 / 16  # lazy: top level + tiles under 2 attended patches (test_lazy.py)
     assert client.get_metric_history(outcome.run_id, "step/total")  # step-level metrics too
+    lrs = [m.value for m in sorted(client.get_metric_history(outcome.run_id, "step/lr"), key=lambda m: m.step)]
+    ramp = [min(1.0, 8 * (i + 1) / WARMUP) * cfg.train.lr for i in range(len(lrs))]
+    assert len(lrs) == 6 and lrs == pytest.approx(ramp)  # 8/40 .. 40/40 of lr, then lr
     assert "final_accuracy" in mlrun.data.metrics
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"attention", "confusion_matrix.png", "config.yaml", "last_epoch_metrics.json"} <= artifacts
@@ -95,7 +106,7 @@ def test_checkpoint_holds_the_last_epoch(straight: tuple[JobConfig, TrainOutcome
 def test_resume_gives_the_same_model_as_an_uninterrupted_run(
         straight: tuple[JobConfig, TrainOutcome], tiny_mnist: Path, tmp_path: Path) -> None:
     _, uninterrupted = straight
-    first = tiny_job(tiny_mnist, tmp_path, run_name="resumed", epochs=1, lr_decay_at=1.0)
+    first = tiny_job(tiny_mnist, tmp_path, run_name="resumed", epochs=1, lr_decay_at=1.0, warmup_images=WARMUP)
     first = replace(first, tracking=replace(first.tracking, register=False, overlays=0))  # saves ~5 s a run
     one = train_in_process(first, tmp_path / "out1")
     assert final_state(one)["epoch"] == 0
@@ -132,6 +143,30 @@ def test_the_checkpoint_holds_norm_statistics_recomputed_after_the_epoch(
     with ThreadPoolExecutor(1) as pool:
         recalibrate(model, cfg, spec, pool)
     assert stats and all(torch.allclose(model.state_dict()[k], v, atol=1e-6) for k, v in stats.items())
+
+
+def test_recomputed_norm_statistics_are_pooled_over_the_ranks(tmp_path: Path) -> None:
+    """Two gloo ranks on 127.0.0.1 recalibrate on their own batches (two and one); after pooling
+    both hold what one process computes from all three, per level, with the batch count."""
+    port, world = free_port(), 2
+    outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, str(POOL_RANK), str(r), str(world), str(port), str(outs[r])],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out.decode()[-3000:]
+    expected = pool_norms_rank.recalibrated((0, 1, 2)).state_dict()
+    own = pool_norms_rank.recalibrated(pool_norms_rank.BATCHES[0]).state_dict()
+    stats = [k for k in expected if "running_" in k]
+    assert any(k.startswith("level_norms.l2_") for k in stats)  # the per-level statistics too
+    assert not all(torch.allclose(own[k], expected[k], atol=1e-5) for k in stats)  # pooling matters
+    for path in outs:
+        got = torch.load(path, weights_only=True)
+        for k in stats:
+            assert torch.allclose(got[k], expected[k], atol=1e-5), k
+        counts = [k for k in expected if k.endswith("num_batches_tracked")]
+        assert counts and all(int(got[k]) == int(expected[k]) for k in counts)  # 3 batches, not 2
+        assert int(got["backbone.s1.1.num_batches_tracked"]) == 3
 
 
 def canvases(url: Path, n: int) -> np.ndarray:

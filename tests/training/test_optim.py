@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from training.config import TrainConfig
-from training.optim import make_optimizer
+from training.optim import make_optimizer, warmup_factor
 
 
 def model() -> nn.Module:
@@ -34,3 +34,11 @@ def test_decay_shrinks_kernels_and_matrices_but_not_biases_or_norm_scales() -> N
     assert {n for n, p in net.named_parameters() if p.ndim >= 2} == {"0.weight", "3.weight"}
     with pytest.raises(ValueError, match="weight_decay"):
         TrainConfig(weight_decay=-1)
+
+
+def test_warmup_ramps_linearly_then_holds() -> None:
+    train = TrainConfig(lr=0.01, warmup_images=100)
+    assert [warmup_factor(train, n) for n in (0, 16, 50, 99, 100, 5000)] == [0.01, 0.16, 0.5, 0.99, 1.0, 1.0]
+    assert warmup_factor(TrainConfig(), 0) == 1.0  # off by default: the paper
+    with pytest.raises(ValueError, match="warmup_images"):
+        TrainConfig(warmup_images=-1)
