@@ -60,6 +60,8 @@ class TrainConfig:
     # together; 0 = none, the paper). Adam's first steps are full-size whatever the gradient, and at
     # a high rate they move the still-random location module and heads furthest from where learning
     # can start (the demo at 4e-3 began slower than at 2e-3); a ramp keeps the high rate for later.
+    # Measured on the demo's weakest seed: 81.5% with 3,000 images against 82.5% without
+    # (docs/benchmarks.md, "The demo"), so no config turns it on.
     warmup_images: int = 0
     # Decoupled weight decay (AdamW) on weights of 2+ dimensions; 0 = Adam without decay, the paper.
     # Adam's steps, of about lr per weight whatever the gradient, keep growing the norm of every
