@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ elif str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from benchmarks.common import bar_panels, finish, load_avg, machine_info, ratio, result_path  # noqa: E402
+from training.local_head import free_ports  # noqa: E402
 
 DEMO_CONFIG = _ROOT / "configs" / "megapixel_mnist_demo.yaml"
 TILE = 64
@@ -117,16 +117,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- the variants ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_variant(name: str, args: argparse.Namespace, url: str) -> dict[str, Any]:
     """Start the variant's processes together; images/s is the sum of theirs (each over its own timed steps)."""
     processes, threads, ddp, mult = VARIANTS[name]
-    port = free_port()
+    port = free_ports(("gloo",))["gloo"]
     env = os.environ | {"OMP_NUM_THREADS": str(threads)}
     cmds = [[sys.executable, str(Path(__file__).resolve()), "--worker", "--url", url, "--config", str(args.config),
              "--threads", str(threads), "--batch", str(args.batch * mult), "--images", str(args.images),
