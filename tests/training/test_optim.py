@@ -1,13 +1,18 @@
-"""training.optim: Adam by default; with train.weight_decay, decay on weight tensors only."""
+"""training.optim: Adam by default; with train.weight_decay, decay on weight tensors only; the step schedule."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from training.config import TrainConfig
+from training.config import JobConfig, TrainConfig, load_job_config
+from training.loop import lr_at
 from training.optim import make_optimizer, warmup_factor
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def model() -> nn.Module:
@@ -42,3 +47,19 @@ def test_warmup_ramps_linearly_then_holds() -> None:
     assert warmup_factor(TrainConfig(), 0) == 1.0  # off by default: the paper
     with pytest.raises(ValueError, match="warmup_images"):
         TrainConfig(warmup_images=-1)
+
+
+def decayed_epochs(cfg: JobConfig) -> list[int]:
+    return [e for e in range(cfg.train.epochs) if lr_at(cfg, e) < cfg.train.lr]
+
+
+def test_step_schedule_decays_once_lr_decay_at_of_the_epochs_have_passed() -> None:
+    paper = JobConfig(train=TrainConfig(lr=0.01, epochs=12))  # lr_decay_at 0.8: the last three
+    assert decayed_epochs(paper) == [9, 10, 11]
+    assert lr_at(paper, 9) == pytest.approx(0.001) and lr_at(paper, 8) == 0.01
+
+
+def test_the_demo_decays_in_its_last_epoch_only() -> None:
+    """The demo's late take-offs still rise at the paper's decay point (docs/benchmarks.md, "The demo")."""
+    demo = load_job_config(ROOT / "configs" / "megapixel_mnist_demo.yaml")
+    assert decayed_epochs(demo) == [demo.train.epochs - 1]
