@@ -40,7 +40,7 @@ from tnet.model import TNet
 from training.config import JobConfig, job_config_from_dict
 from training.data_errors import TolerantRegionSource, error_entries, every_rank_has, gather_json
 from training.evaluation import evaluate_loader
-from training.optim import make_optimizer, warmup_factor
+from training.optim import lr_at, make_optimizer
 from training.precision import apply_layout, autocast, autocast_dtype
 from training.tracking import RankZeroTracker
 
@@ -70,13 +70,6 @@ def debug_record(folder: str | None, name: str, data: dict[str, Any]) -> None:
     the distributed behaviour see each rank's process, node and samples."""
     if folder:
         Path(folder, name).write_text(json.dumps(data))
-
-
-def lr_at(cfg: JobConfig, epoch: int, images: int | None = None) -> float:
-    """Adam's step schedule of the paper: x lr_decay once lr_decay_at of training has passed; with
-    ``images`` (trained so far, all ranks, this step's included) also ``train.warmup_images``' ramp."""
-    lr = cfg.train.lr * (cfg.train.lr_decay if epoch >= int(cfg.train.lr_decay_at * cfg.train.epochs) else 1.0)
-    return lr * (warmup_factor(cfg.train, images) if images is not None else 1.0)
 
 
 def save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, loss: TNetLoss, epoch: int,
@@ -203,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.train.epochs):
         torch.manual_seed(epoch_seed(cfg.train.seed, rank, epoch))
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, epoch)
+            group["lr"] = lr_at(cfg.train, epoch)
         spec = epoch_spec(cfg, train_shards, quota, rank, world, epoch)
         model.train()
         sums: dict[str, float] = {}
@@ -230,7 +223,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             labels = batch.labels.to(device)
             if step_global * cfg.train.batch_size * world < cfg.train.warmup_images:
                 for group in opt.param_groups:  # counted in full batches, so a resumed run ramps alike
-                    group["lr"] = lr_at(cfg, epoch, (step_global + 1) * cfg.train.batch_size * world)
+                    group["lr"] = lr_at(cfg.train, epoch, (step_global + 1) * cfg.train.batch_size * world)
             out, terms = train_step(model, loss_fn, opt, source, labels, device, amp_dtype)
             for key, reason in source.damaged.items():
                 log.warning("damaged (read as grey): %s", reason)
@@ -273,7 +266,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "train_decoded_pixel_fraction": decoded / max(full, 1), "train_skipped": len(data_errors["skipped"]),
                     "train_damaged": len(data_errors["damaged"]), "train_set_aside": len(data_errors["set_aside"]),
                     "train_bytes_read_fraction": fetched / max(sample_bytes, 1),
-                    "lr": lr_at(cfg, epoch), "train_bf16": float(amp_dtype == torch.bfloat16)}
+                    "lr": lr_at(cfg.train, epoch), "train_bf16": float(amp_dtype == torch.bfloat16)}
         if device.type == "cuda":
             metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         if rank == 0:

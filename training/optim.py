@@ -1,4 +1,4 @@
-"""The optimiser every training loop builds from ``TrainConfig`` (the job and the benchmarks)."""
+"""The optimiser every training loop builds from ``TrainConfig``, and its learning-rate schedule (the job and the benchmarks)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,10 @@ def warmup_factor(train: TrainConfig, images: int) -> float:
     if not train.warmup_images:
         return 1.0
     return min(1.0, max(images, 1) / train.warmup_images)
+
+
+def lr_at(train: TrainConfig, epoch: int, images: int | None = None) -> float:
+    """Adam's step schedule of the paper: x lr_decay once lr_decay_at of the epochs have passed; with
+    ``images`` (trained so far, all ranks, this step's included) also ``train.warmup_images``' ramp."""
+    lr = train.lr * (train.lr_decay if epoch >= int(train.lr_decay_at * train.epochs) else 1.0)
+    return lr * (warmup_factor(train, images) if images is not None else 1.0)

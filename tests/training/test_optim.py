@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from training.config import JobConfig, TrainConfig, load_job_config
-from training.loop import lr_at
-from training.optim import make_optimizer, warmup_factor
+from training.config import TrainConfig, load_job_config
+from training.optim import lr_at, make_optimizer, warmup_factor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,17 +48,17 @@ def test_warmup_ramps_linearly_then_holds() -> None:
         TrainConfig(warmup_images=-1)
 
 
-def decayed_epochs(cfg: JobConfig) -> list[int]:
-    return [e for e in range(cfg.train.epochs) if lr_at(cfg, e) < cfg.train.lr]
+def decayed_epochs(train: TrainConfig) -> list[int]:
+    return [e for e in range(train.epochs) if lr_at(train, e) < train.lr]
 
 
 def test_step_schedule_decays_once_lr_decay_at_of_the_epochs_have_passed() -> None:
-    paper = JobConfig(train=TrainConfig(lr=0.01, epochs=12))  # lr_decay_at 0.8: the last three
+    paper = TrainConfig(lr=0.01, epochs=12)  # lr_decay_at 0.8: the last three
     assert decayed_epochs(paper) == [9, 10, 11]
     assert lr_at(paper, 9) == pytest.approx(0.001) and lr_at(paper, 8) == 0.01
 
 
 def test_the_demo_decays_in_its_last_epoch_only() -> None:
     """The demo's late take-offs still rise at the paper's decay point (docs/benchmarks.md, "The demo")."""
-    demo = load_job_config(ROOT / "configs" / "megapixel_mnist_demo.yaml")
-    assert decayed_epochs(demo) == [demo.train.epochs - 1]
+    demo = load_job_config(ROOT / "configs" / "megapixel_mnist_demo.yaml").train
+    assert decayed_epochs(demo) == [demo.epochs - 1]
